@@ -1,0 +1,140 @@
+"""Shared fixtures: the real daemon as a subprocess, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVING = re.compile(r"zprovd: serving (\w+) on (\S+):(\d+)$")
+
+
+def free_config(tmp: Path, extra: str = "", backend: str = 'type = "sqlite"', http: bool = True,
+                https: bool = True, tftp: bool = True) -> Path:
+    """A config on free loopback ports (port 0: the daemon reports what it bound)."""
+    state = tmp / "state"
+    text = f"""
+    state_dir = "{state}"
+    [http]
+    listen = [{'"127.0.0.1:0"' if http else ''}]
+    [https]
+    listen = [{'"127.0.0.1:0"' if https else ''}]
+    [tftp]
+    listen = [{'"127.0.0.1:0"' if tftp else ''}]
+    [backend]
+    {backend}
+    [provisioning]
+    server = "127.0.0.1"
+    base_url = "http://127.0.0.1:8080/provision/"
+    """
+    path = tmp / "zprovd.toml"
+    path.write_text(textwrap.dedent(text) + textwrap.dedent(extra))
+    return path
+
+
+def run_cli(config: Path, *args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "zprovd", "-c", str(config), *args],
+        capture_output=True, text=True, timeout=120, env=env, input=input,
+    )
+
+
+class Daemon:
+    """``zprovd run`` as a subprocess; knows the ports it bound and its log."""
+
+    def __init__(self, config: Path, env: dict | None = None):
+        self.config = config
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self.ports: dict[str, int] = {}
+        self._serving = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def log(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def start(self, expect: tuple[str, ...] = ("http", "https", "tftp"), timeout: float = 30) -> "Daemon":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zprovd", "-c", str(self.config), "run"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p in self.ports for p in expect):
+                return self
+            if self.proc.poll() is not None:
+                break
+            self._serving.wait(0.1)
+        raise AssertionError(f"daemon did not start (exit {self.proc.poll()}):\n{self.log}")
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stderr
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            with self._lock:
+                self.lines.append(line)
+            m = SERVING.search(line)
+            if m:
+                self.ports.setdefault(m.group(1), int(m.group(3)))
+                self._serving.set()
+
+    def url(self, protocol: str, path: str = "/") -> str:
+        return f"{protocol}://127.0.0.1:{self.ports[protocol]}{path}"
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in log:\n{self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop on signal {sig}:\n{self.log}")
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    return free_config(tmp_path)
+
+
+@pytest.fixture
+def daemon_factory():
+    started: list[Daemon] = []
+
+    def make(config: Path, env: dict | None = None) -> Daemon:
+        d = Daemon(config, env)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """curl with status code and body captured: returns (stdout=body+status line)."""
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)

@@ -1,0 +1,3 @@
+"""zprovd: a provisioning server for VoIP phones."""
+
+__version__ = "0.1.0"

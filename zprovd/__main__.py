@@ -1,0 +1,3 @@
+from zprovd.cli import main
+
+raise SystemExit(main())

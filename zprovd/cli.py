@@ -1,0 +1,610 @@
+"""The ``zprovd`` command: the daemon and every admin action.
+
+Management commands talk to the same backend the daemon uses (through the
+backend interface, run inline) and work while the daemon runs: the daemon
+reads the backend on every request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from zprovd import __version__
+from zprovd.backends import (
+    Backend,
+    BackendContext,
+    BackendError,
+    Device,
+    NotFound,
+    SipAccount,
+    User,
+    create_backend,
+    run_inline,
+)
+from zprovd.catalogue import Catalogue, bundled_templates_dir, load_catalogue
+from zprovd.config import Config, ConfigError, default_config_path, load_config
+from zprovd.context import RequestInfo
+from zprovd.mac import InvalidMAC, format_mac, normalize_mac
+from zprovd.renderer import Renderer, RenderError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A problem the user can act on; printed as one line, exit status 1."""
+
+
+def wait(d: Deferred) -> Any:
+    """The result of a Deferred that has already fired (backends run inline here)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("a backend call did not complete synchronously in the CLI")
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+# -- shared set-up --------------------------------------------------------------
+
+
+class Session:
+    """What a command needs: the config, and on demand backend, catalogue, renderer."""
+
+    def __init__(self, config: Config, out: TextIO):
+        self.config = config
+        self.out = out
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            context = BackendContext(self.config.state_dir, self.config.path.resolve().parent, run_inline)
+            try:
+                backend = create_backend(self.config.backend.type, self.config.backend.options, context)
+                wait(backend.open())
+            except BackendError as exc:
+                raise CommandError(f"backend {self.config.backend.type}: {exc}") from None
+            self._backend = backend
+        return self._backend
+
+    def renderer(self) -> Renderer:
+        return Renderer(self.config.templates.dirs)
+
+    def catalogue(self) -> Catalogue:
+        catalogue = load_catalogue(self.renderer().dirs)
+        if catalogue.problems:
+            raise CommandError("model catalogue: " + "; ".join(catalogue.problems))
+        return catalogue
+
+    def close(self) -> None:
+        if self._backend is not None:
+            wait(self._backend.close())
+
+
+def _vars(pairs: list[str] | None) -> dict[str, str]:
+    result = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--var {pair!r}: expected KEY=VALUE")
+        result[key.strip()] = value
+    return result
+
+
+def _mac(text: str) -> str:
+    try:
+        return normalize_mac(text)
+    except InvalidMAC as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)] if rows else [len(h) for h in header]
+    for row in [header, *rows]:
+        out.write("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_run(s: Session, args) -> int:
+    from twisted.internet import reactor
+
+    from zprovd.daemon import Daemon, StartupError
+    from zprovd.logs import start_logging
+
+    start_logging(s.config.log.format)
+    daemon = Daemon(s.config, reactor)
+    status = [EXIT_OK]
+
+    def started(_):
+        for bound in daemon.bound:
+            print(f"zprovd: serving {bound.protocol} on {bound.host}:{bound.port}", file=sys.stderr, flush=True)
+
+    def failed(failure: Failure):
+        if failure.check(StartupError):
+            print(f"zprovd: {failure.value}", file=sys.stderr, flush=True)
+        else:
+            print(f"zprovd: cannot start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+            failure.printTraceback(file=sys.stderr)
+        status[0] = EXIT_FAIL
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: daemon.start().addCallbacks(started, failed))
+    reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
+    reactor.run()
+    return status[0]
+
+
+def cmd_check(s: Session, args) -> int:
+    problems: list[str] = []
+    renderer = s.renderer()
+    catalogue = load_catalogue(renderer.dirs)
+    problems += catalogue.problems
+    templates = {f.template for m in catalogue.models.values() for f in [*m.generic, *m.per_mac]}
+    try:
+        from zprovd.provisioning import ERROR_TEMPLATE, ZoiperDocuments
+
+        templates |= set(ZoiperDocuments(renderer).templates()) | {ERROR_TEMPLATE}
+    except RenderError as exc:
+        problems.append(str(exc))
+    for template in sorted(templates):
+        problem = renderer.check(template)
+        if problem:
+            problems.append(problem)
+    try:
+        s.backend
+    except CommandError as exc:
+        problems.append(str(exc))
+    https = s.config.https
+    if https.listen and https.certificate and https.private_key:
+        from zprovd import tls
+
+        try:
+            tls.load_pem_chain(tls.CertificatePaths(https.certificate, https.private_key))
+        except tls.TLSError as exc:
+            problems.append(f"https: {exc}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return EXIT_FAIL
+    s.out.write(f"{s.config.path}: OK ({len(catalogue.models)} models, backend {s.config.backend.type})\n")
+    return EXIT_OK
+
+
+def _new_user(s: Session, args) -> User:
+    from zprovd.passwords import hash_password
+
+    account = SipAccount(
+        sip_user=args.sip_user or args.login,
+        sip_password=args.sip_password or args.password,
+        sip_domain=args.sip_domain or s.config.provisioning.server,
+        sip_auth_user=args.sip_auth_user or "",
+        display_name=args.display_name or "",
+    )
+    return User(
+        login=args.login,
+        password_hash=hash_password(args.password),
+        display_name=args.display_name or "",
+        accounts=[account],
+        vars=_vars(args.var),
+    )
+
+
+def cmd_user_add(s: Session, args) -> int:
+    if not args.login or any(c.isspace() for c in args.login):
+        raise CommandError(f"login {args.login!r} must be non-empty and contain no spaces")
+    if not args.password:
+        raise CommandError("--password must not be empty")
+    existing = wait(s.backend.get_user(args.login))
+    if existing is not None and not args.replace:
+        raise CommandError(f"user {args.login} exists (use --replace to overwrite it)")
+    wait(s.backend.save_user(_new_user(s, args)))
+    s.out.write(f"user {args.login} saved\n")
+    return EXIT_OK
+
+
+def cmd_user_add_account(s: Session, args) -> int:
+    user = wait(s.backend.get_user(args.login))
+    if user is None:
+        raise CommandError(f"no user {args.login}")
+    user.accounts.append(
+        SipAccount(
+            sip_user=args.sip_user,
+            sip_password=args.sip_password,
+            sip_domain=args.sip_domain or s.config.provisioning.server,
+            sip_auth_user=args.sip_auth_user or "",
+            display_name=args.display_name or "",
+        )
+    )
+    wait(s.backend.save_user(user))
+    s.out.write(f"user {args.login} now has {len(user.accounts)} SIP accounts\n")
+    return EXIT_OK
+
+
+def cmd_user_list(s: Session, args) -> int:
+    users = wait(s.backend.list_users())
+    _table(
+        s.out,
+        ["LOGIN", "DISPLAY NAME", "SIP ACCOUNTS"],
+        [[u.login, u.display_name, ", ".join(f"{a.sip_user}@{a.sip_domain}" for a in u.accounts)] for u in users],
+    )
+    return EXIT_OK
+
+
+def cmd_user_show(s: Session, args) -> int:
+    user = wait(s.backend.get_user(args.login))
+    if user is None:
+        raise CommandError(f"no user {args.login}")
+    out = s.out
+    out.write(f"login:         {user.login}\ndisplay name:  {user.display_name}\npassword:      (hashed)\n")
+    for i, a in enumerate(user.accounts, 1):
+        out.write(
+            f"account {i}:     sip user {a.sip_user}, auth user {a.auth_user}, domain {a.sip_domain}, "
+            f"display name {a.display_name or '-'}, sip password (set)\n"
+        )
+    for key, value in sorted(user.vars.items()):
+        out.write(f"var:           {key}={value}\n")
+    return EXIT_OK
+
+
+def cmd_user_remove(s: Session, args) -> int:
+    try:
+        wait(s.backend.remove_user(args.login))
+    except NotFound:
+        raise CommandError(f"no user {args.login}") from None
+    s.out.write(f"user {args.login} removed\n")
+    return EXIT_OK
+
+
+def cmd_device_add(s: Session, args) -> int:
+    mac = _mac(args.mac)
+    catalogue = s.catalogue()
+    if catalogue.get(args.model) is None:
+        raise CommandError(f"unknown model {args.model!r}; `zprovd models` lists them")
+    for login in args.user or []:
+        if wait(s.backend.get_user(login)) is None:
+            raise CommandError(f"no user {login}")
+    existing = wait(s.backend.get_device(mac))
+    if existing is not None and not args.replace:
+        raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
+    wait(s.backend.save_device(Device(mac=mac, model=args.model.lower(), users=list(args.user or []), vars=_vars(args.var))))
+    s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
+    return EXIT_OK
+
+
+def cmd_device_list(s: Session, args) -> int:
+    devices = wait(s.backend.list_devices())
+    _table(
+        s.out,
+        ["MAC", "MODEL", "USERS", "LAST FETCH"],
+        [
+            [format_mac(d.mac, "colon"), d.model, ",".join(d.users) or "-", _when(d.last_fetch.when) if d.last_fetch else "-"]
+            for d in devices
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_device_show(s: Session, args) -> int:
+    mac = _mac(args.mac)
+    device = wait(s.backend.get_device(mac))
+    if device is None:
+        raise CommandError(f"no device {format_mac(mac, 'colon')}")
+    out = s.out
+    out.write(f"mac:           {format_mac(device.mac, 'colon')}\nmodel:         {device.model}\n")
+    out.write(f"users:         {', '.join(device.users) or '-'}\n")
+    for key, value in sorted(device.vars.items()):
+        out.write(f"var:           {key}={value}\n")
+    f = device.last_fetch
+    out.write(f"last fetch:    {_when(f.when)} from {f.address}: {f.file}\n" if f else "last fetch:    never\n")
+    return EXIT_OK
+
+
+def cmd_device_remove(s: Session, args) -> int:
+    mac = _mac(args.mac)
+    try:
+        wait(s.backend.remove_device(mac))
+    except NotFound:
+        raise CommandError(f"no device {format_mac(mac, 'colon')}") from None
+    s.out.write(f"device {format_mac(mac, 'colon')} removed\n")
+    return EXIT_OK
+
+
+def cmd_device_seen(s: Session, args) -> int:
+    seen = wait(s.backend.list_seen())
+    _table(
+        s.out,
+        ["MAC", "MODEL GUESS", "ADDRESS", "FILE", "REQUESTS", "LAST SEEN", "USER AGENT"],
+        [
+            [format_mac(x.mac, "colon"), x.model_guess, x.address, x.file, str(x.count), _when(x.last_seen), x.user_agent or "-"]
+            for x in seen
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_import(s: Session, args) -> int:
+    from zprovd.csvimport import CSVImportError, parse_csv
+
+    path = Path(args.file)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path}: not UTF-8 text") from None
+    try:
+        users, devices = parse_csv(text, str(path), s.config.provisioning.server)
+    except CSVImportError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise CommandError(f"{path}: nothing imported ({len(exc.problems)} problem(s))") from None
+    catalogue = s.catalogue()
+    unknown = sorted({d.model for d in devices if catalogue.get(d.model) is None})
+    if unknown:
+        raise CommandError(f"{path}: nothing imported: unknown model(s) {', '.join(unknown)}")
+    wait(s.backend.import_records(users, devices))
+    s.out.write(f"imported {len(users)} users and {len(devices)} devices from {path}\n")
+    return EXIT_OK
+
+
+def _render_provisioner(s: Session):
+    from zprovd.provisioning import Provisioner
+
+    return Provisioner(s.config, s.catalogue(), s.renderer(), _NoRecording(s.backend), run_inline)
+
+
+class _NoRecording:
+    """The backend, minus the writes a request makes: ``render`` is a dry run."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def record_fetch(self, mac, fetch):
+        return run_inline(lambda: None)
+
+    def record_seen(self, seen):
+        return run_inline(lambda: None)
+
+
+def cmd_render(s: Session, args) -> int:
+    from zprovd.routing import Request
+
+    provisioner = _render_provisioner(s)
+    if args.user:
+        user = wait(s.backend.get_user(args.user))
+        if user is None:
+            raise CommandError(f"no user {args.user}")
+        response = provisioner.render_zoiper(user, args.version, RequestInfo(protocol="cli"))
+    else:
+        mac = _mac(args.mac)
+        name = args.file
+        if not name:
+            device = wait(s.backend.get_device(mac))
+            if device is None:
+                raise CommandError(f"no device {format_mac(mac, 'colon')}")
+            model = provisioner.catalogue.get(device.model)
+            if model is None or not model.per_mac:
+                raise CommandError(f"device {format_mac(mac, 'colon')} has model {device.model}, unknown or without per-MAC files")
+            name = model.per_mac[0].pattern.replace("{mac}", mac)
+        response = wait(provisioner.handle(Request(protocol="cli", path=name, client="cli")))
+    if response.status != 200:
+        raise CommandError(f"the daemon would answer {response.status}: {response.reason}")
+    sys.stdout.buffer.write(response.body)
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_models(s: Session, args) -> int:
+    catalogue = s.catalogue()
+    _table(
+        s.out,
+        ["MODEL", "LABEL", "GENERIC FILES", "PER-MAC FILES"],
+        [
+            [m.id, m.label, " ".join(g.name for g in m.generic) or "-", " ".join(p.pattern for p in m.per_mac) or "-"]
+            for m in catalogue.models.values()
+        ],
+    )
+    return EXIT_OK
+
+
+def _model_templates(s: Session, model_id: str) -> list[str]:
+    model = s.catalogue().get(model_id)
+    if model is None:
+        raise CommandError(f"unknown model {model_id!r}; `zprovd models` lists them")
+    names = [f.template for f in [*model.generic, *model.per_mac]]
+    return list(dict.fromkeys(names))
+
+
+def cmd_templates_list(s: Session, args) -> int:
+    renderer = s.renderer()
+    bundled = bundled_templates_dir()
+    rows = []
+    for model in s.catalogue().models.values():
+        for template in dict.fromkeys(f.template for f in [*model.generic, *model.per_mac]):
+            source = renderer.source_of(template)
+            where = "missing" if source is None else ("bundled" if source.is_relative_to(bundled) else str(source))
+            rows.append([model.id, template, where])
+    _table(s.out, ["MODEL", "TEMPLATE", "SOURCE"], rows)
+    return EXIT_OK
+
+
+def _overrides(s: Session, template: str) -> list[Path]:
+    return [d / template for d in s.config.templates.dirs if (d / template).is_file()]
+
+
+def cmd_templates_diff(s: Session, args) -> int:
+    bundled = bundled_templates_dir()
+    any_override = False
+    for template in _model_templates(s, args.model):
+        for override in _overrides(s, template)[:1]:
+            any_override = True
+            default = bundled / template
+            old = default.read_text("utf-8").splitlines(keepends=True) if default.is_file() else []
+            new = override.read_text("utf-8").splitlines(keepends=True)
+            s.out.writelines(difflib.unified_diff(old, new, f"bundled/{template}", str(override)))
+    if not any_override:
+        s.out.write(f"{args.model}: no operator override; the bundled templates are used\n")
+    return EXIT_OK
+
+
+def cmd_templates_restore(s: Session, args) -> int:
+    removed = []
+    for template in _model_templates(s, args.model):
+        if not (bundled_templates_dir() / template).is_file():
+            continue  # an operator-only template: nothing to restore it to
+        for override in _overrides(s, template):
+            try:
+                override.unlink()
+            except OSError as exc:
+                raise CommandError(f"cannot remove {override}: {exc.strerror}") from None
+            removed.append(override)
+    for path in removed:
+        s.out.write(f"removed {path}\n")
+    if not removed:
+        s.out.write(f"{args.model}: no operator override to remove\n")
+    return EXIT_OK
+
+
+def cmd_zoiper_provision_file(s: Session, args) -> int:
+    from zprovd.provisioning_file import provision_file
+
+    sys.stdout.buffer.write(provision_file(s.config, s.renderer(), args.auth, args.user or ""))
+    return EXIT_OK
+
+
+def cmd_dhcp_leases(s: Session, args) -> int:
+    from zprovd.dhcp.cli import show_leases
+
+    return show_leases(s.config.extra["dhcp"], s.config.state_dir, s.out)
+
+
+def cmd_dhcp_probe(s: Session, args) -> int:
+    from zprovd.dhcp.cli import probe
+
+    return probe(args.interface, args.timeout, s.out)
+
+
+# -- argument parsing -------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zprovd", description="Provisioning server for VoIP phones.")
+    p.add_argument("-c", "--config", type=Path, help="configuration file (default $ZPROVD_CONFIG, then /etc/zprovd/zprovd.toml)")
+    p.add_argument("--version", action="version", version=f"zprovd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent, name: str, handler: Callable, help: str):
+        c = parent.add_parser(name, help=help, description=help)
+        c.set_defaults(handler=handler)
+        return c
+
+    command(sub, "run", cmd_run, "run the daemon in the foreground")
+    command(sub, "check", cmd_check, "validate the configuration, templates and backend")
+
+    users = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = command(users, "add", cmd_user_add, "add a user (login, provisioning password and first SIP account)")
+    c.add_argument("login")
+    c.add_argument("--password", required=True, help="provisioning password (stored hashed)")
+    c.add_argument("--display-name")
+    c.add_argument("--sip-user", help="default: the login")
+    c.add_argument("--sip-auth-user", help="default: the SIP user")
+    c.add_argument("--sip-password", help="default: the provisioning password")
+    c.add_argument("--sip-domain", help="default: [provisioning] server")
+    c.add_argument("--var", action="append", metavar="KEY=VALUE", help="template variable (repeatable)")
+    c.add_argument("--replace", action="store_true", help="overwrite an existing user")
+    c = command(users, "add-account", cmd_user_add_account, "add another SIP account to a user")
+    c.add_argument("login")
+    c.add_argument("--sip-user", required=True)
+    c.add_argument("--sip-password", required=True)
+    c.add_argument("--sip-auth-user")
+    c.add_argument("--sip-domain")
+    c.add_argument("--display-name")
+    command(users, "list", cmd_user_list, "list users")
+    command(users, "show", cmd_user_show, "show one user").add_argument("login")
+    command(users, "remove", cmd_user_remove, "remove a user").add_argument("login")
+
+    devices = sub.add_parser("device", help="manage desk phones").add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = command(devices, "add", cmd_device_add, "add a desk phone")
+    c.add_argument("mac", help="in any usual spelling")
+    c.add_argument("--model", required=True, help="a model id from `zprovd models`")
+    c.add_argument("--user", action="append", metavar="LOGIN", help="the user of line 1, 2, ... (repeatable)")
+    c.add_argument("--var", action="append", metavar="KEY=VALUE", help="template variable (repeatable)")
+    c.add_argument("--replace", action="store_true", help="overwrite an existing device")
+    command(devices, "list", cmd_device_list, "list desk phones")
+    command(devices, "show", cmd_device_show, "show one desk phone").add_argument("mac")
+    command(devices, "remove", cmd_device_remove, "remove a desk phone").add_argument("mac")
+    command(devices, "seen", cmd_device_seen, "phones that asked for a configuration but are not configured")
+
+    command(sub, "import", cmd_import, "import users and devices from a CSV file (all or nothing)").add_argument("file")
+
+    c = command(sub, "render", cmd_render, "print exactly what the daemon would serve")
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="LOGIN", help="the Zoiper document of a user")
+    who.add_argument("--mac", help="a desk phone's per-MAC file")
+    c.add_argument("--file", help="with --mac: the file name the phone asks for")
+    c.add_argument("--version", help="with --user: the Zoiper version (default: the newest document)")
+
+    command(sub, "models", cmd_models, "list the model catalogue")
+
+    templates = sub.add_parser("templates", help="inspect and restore templates").add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(templates, "list", cmd_templates_list, "which template file wins for each model")
+    command(templates, "diff", cmd_templates_diff, "an operator override against the bundled default").add_argument("model")
+    command(templates, "restore", cmd_templates_restore, "remove the operator overrides of a model's templates").add_argument("model")
+
+    zoiper = sub.add_parser("zoiper", help="Zoiper helpers").add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = command(zoiper, "provision-file", cmd_zoiper_provision_file, "print a Zoiper 3 Provision.xml pointing at this server")
+    c.add_argument("--auth", choices=["url", "basic"], default="url")
+    c.add_argument("--user", metavar="LOGIN", help="preset login (no prompt)")
+
+    dhcp = sub.add_parser("dhcp", help="DHCP helper").add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(dhcp, "leases", cmd_dhcp_leases, "list DHCP leases")
+    c = command(dhcp, "probe", cmd_dhcp_probe, "report DHCP servers answering on a link")
+    c.add_argument("--interface", required=True)
+    c.add_argument("--timeout", type=float, default=3.0)
+    return p
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    path = args.config or default_config_path()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    session = Session(config, out)
+    try:
+        return args.handler(session, args)
+    except CommandError as exc:
+        print(f"zprovd: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except BackendError as exc:
+        print(f"zprovd: backend {config.backend.type}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        if args.handler is not cmd_run:
+            try:
+                session.close()
+            except Exception:
+                pass

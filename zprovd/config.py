@@ -1,0 +1,400 @@
+"""The configuration file: one TOML file, validated entirely before use.
+
+Every problem is reported as one line naming the file, the section, the key
+and the reason, and all problems are reported at once.  Unknown keys are
+errors: a typo must not silently disable something.
+
+Sections owned by a subsystem with many keys (``[dhcp]``) are validated by
+that subsystem's own ``parse_section(reader)`` function, registered in
+``SECTION_PARSERS``; the rest live here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_CONFIG = Path("/etc/zprovd/zprovd.toml")
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration file; ``problems`` lists them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
+class HTTPConfig:
+    listen: list[Listen]
+
+
+@dataclass
+class HTTPSConfig:
+    listen: list[Listen]
+    certificate: Path | None
+    private_key: Path | None
+
+
+@dataclass
+class TFTPConfig:
+    listen: list[Listen]
+    firmware_dir: Path | None
+    max_blksize: int
+    max_windowsize: int
+    retries: int
+    upload_dir: Path | None
+    upload_max_bytes: int
+
+
+@dataclass
+class BackendConfig:
+    type: str
+    options: dict[str, Any]
+
+
+@dataclass
+class ProvisioningConfig:
+    server: str
+    base_url: str
+    language: str
+    vars: dict[str, Any]
+
+
+@dataclass
+class TemplatesConfig:
+    dirs: list[Path]
+
+
+@dataclass
+class ZoiperConfig:
+    paths: list[str]
+    user_params: list[str]
+    password_params: list[str]
+    version_params: list[str]
+    error_text: str
+    error_status: int
+    unavailable_text: str
+    max_failures: int
+    failure_window: int
+    lockout: int
+
+
+@dataclass
+class LogConfig:
+    format: str
+
+
+@dataclass
+class Config:
+    path: Path
+    state_dir: Path
+    http: HTTPConfig
+    https: HTTPSConfig
+    tftp: TFTPConfig
+    backend: BackendConfig
+    provisioning: ProvisioningConfig
+    templates: TemplatesConfig
+    zoiper: ZoiperConfig
+    log: LogConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Sections parsed by subsystems (``SECTION_PARSERS``), by section name."""
+
+
+# --------------------------------------------------------------------------
+# A small validating reader: each section pops the keys it knows, and
+# whatever remains is reported as unknown.
+
+
+class SectionReader:
+    """Reads one TOML table, recording problems instead of raising."""
+
+    def __init__(self, problems: list[str], file: Path, section: str, table: Any, base: Path):
+        self._problems = problems
+        self.file = file
+        self.section = section
+        self.base = base
+        if not isinstance(table, dict):
+            self.error(None, f"must be a table, not {type(table).__name__}")
+            table = {}
+        self._table = dict(table)
+
+    def where(self, key: str | None) -> str:
+        place = f"[{self.section}]" if self.section else "top level"
+        return f"{self.file}: {place}" + (f" {key}" if key else "")
+
+    def error(self, key: str | None, reason: str) -> None:
+        self._problems.append(f"{self.where(key)}: {reason}")
+
+    def has(self, key: str) -> bool:
+        return key in self._table
+
+    def _take(self, key: str, default: Any, kinds: tuple[type, ...], kind_name: str) -> Any:
+        if key not in self._table:
+            return default
+        value = self._table.pop(key)
+        # bool is an int in Python; keep them apart.
+        if isinstance(value, bool) and bool not in kinds:
+            self.error(key, f"must be {kind_name}, not a boolean")
+            return default
+        if not isinstance(value, kinds):
+            self.error(key, f"must be {kind_name}, not {_toml_type(value)}")
+            return default
+        return value
+
+    def string(self, key: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+        value = self._take(key, default, (str,), "a string")
+        if choices is not None and value not in choices:
+            self.error(key, f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+            return default
+        return value
+
+    def integer(self, key: str, default: int, low: int | None = None, high: int | None = None) -> int:
+        value = self._take(key, default, (int,), "an integer")
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.error(key, f"must be between {low} and {high}, not {value}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._take(key, default, (bool,), "true or false")
+
+    def strings(self, key: str, default: list[str], nonempty: bool = False) -> list[str]:
+        value = self._take(key, default, (list,), "a list of strings")
+        if not all(isinstance(item, str) for item in value):
+            self.error(key, "must be a list of strings")
+            return default
+        if nonempty and not value:
+            self.error(key, "must not be empty")
+            return default
+        return list(value)
+
+    def table(self, key: str) -> dict[str, Any]:
+        return self._take(key, {}, (dict,), "a table")
+
+    def path(self, key: str, default: str = "", base: Path | None = None) -> Path | None:
+        """A path; empty means unset; relative paths resolve against ``base``."""
+        value = self.string(key, default)
+        if not value:
+            return None
+        return _resolve(value, base or self.base)
+
+    def listen(self, key: str, default: list[str]) -> list[Listen]:
+        result = []
+        for item in self.strings(key, default):
+            try:
+                result.append(parse_listen(item))
+            except ValueError as exc:
+                self.error(key, str(exc))
+        return result
+
+    def rest(self) -> dict[str, Any]:
+        """Take every remaining key (for sections whose keys belong to a plug-in)."""
+        rest, self._table = self._table, {}
+        return rest
+
+    def finish(self) -> None:
+        for key in self._table:
+            self.error(key, "unknown key")
+
+
+def _toml_type(value: Any) -> str:
+    return {
+        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+        list: "a list", dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _resolve(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(base / path))
+
+
+def parse_listen(text: str) -> Listen:
+    """Parse ``host:port`` or ``[v6]:port``."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not \"[address]:port\"")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r} is not \"host:port\" (write IPv6 as \"[::]:80\")")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return Listen(host, int(port))
+
+
+# --------------------------------------------------------------------------
+
+SectionParser = Callable[[SectionReader], Any]
+SECTION_PARSERS: dict[str, SectionParser] = {}
+"""Subsystem sections: name -> function(reader) returning the parsed section."""
+
+
+def register_section(name: str, parser: SectionParser) -> None:
+    SECTION_PARSERS[name] = parser
+
+
+def _register_builtin_subsystems() -> None:
+    # Imported here so that config.py stays importable on its own.
+    from zprovd.dhcp import config as dhcp_config  # noqa: F401  (registers [dhcp])
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("ZPROVD_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a configuration file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read configuration: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> Config:
+    _register_builtin_subsystems()
+    problems: list[str] = []
+    base = path.resolve().parent
+
+    def section(name: str) -> SectionReader:
+        return SectionReader(problems, path, name, data.pop(name, {}), base)
+
+    top = SectionReader(problems, path, "", {}, base)
+    state_value = data.pop("state_dir", "/var/lib/zprovd")
+    if not isinstance(state_value, str) or not state_value:
+        top.error("state_dir", "must be a non-empty string")
+        state_value = "/var/lib/zprovd"
+    state_dir = _resolve(state_value, base)
+
+    s = section("http")
+    http = HTTPConfig(listen=s.listen("listen", ["0.0.0.0:80"]))
+    s.finish()
+
+    s = section("https")
+    https = HTTPSConfig(
+        listen=s.listen("listen", ["0.0.0.0:443"]),
+        certificate=s.path("certificate"),
+        private_key=s.path("private_key"),
+    )
+    if (https.certificate is None) != (https.private_key is None):
+        s.error("private_key", "certificate and private_key must be set together (or both left empty)")
+    s.finish()
+
+    s = section("tftp")
+    tftp = TFTPConfig(
+        listen=s.listen("listen", ["0.0.0.0:69"]),
+        firmware_dir=s.path("firmware_dir"),
+        max_blksize=s.integer("max_blksize", 1468, 8, 65464),
+        max_windowsize=s.integer("max_windowsize", 64, 1, 65535),
+        retries=s.integer("retries", 5, 1, 50),
+        upload_dir=s.path("upload_dir"),
+        upload_max_bytes=s.integer("upload_max_bytes", 1 << 20, 0, 1 << 30),
+    )
+    s.finish()
+
+    s = section("backend")
+    backend_type = s.string("type", "sqlite")
+    if not backend_type:
+        s.error("type", "must name a backend")
+    backend = BackendConfig(type=backend_type, options=s.rest())
+
+    s = section("provisioning")
+    server = s.string("server", "")
+    if not server:
+        s.error("server", "must be set to the host name or IP address phones reach this server at")
+    base_url = s.string("base_url", "")
+    if base_url and not base_url.startswith(("http://", "https://")):
+        s.error("base_url", f"must start with http:// or https://, not {base_url!r}")
+    if not base_url and server:
+        port = http.listen[0].port if http.listen else 80
+        base_url = f"http://{server}" + ("" if port == 80 else f":{port}") + "/"
+    if base_url and not base_url.endswith("/"):
+        base_url += "/"
+    provisioning = ProvisioningConfig(
+        server=server,
+        base_url=base_url,
+        language=s.string("language", "en"),
+        vars=s.table("vars"),
+    )
+    s.finish()
+
+    s = section("templates")
+    templates = TemplatesConfig(dirs=[_resolve(d, base) for d in s.strings("dirs", [])])
+    s.finish()
+
+    s = section("zoiper")
+    zoiper = ZoiperConfig(
+        paths=s.strings("paths", ["/zoiper"], nonempty=True),
+        user_params=s.strings("user_params", ["user", "username", "u"], nonempty=True),
+        password_params=s.strings("password_params", ["password", "pass", "p"], nonempty=True),
+        version_params=s.strings("version_params", ["version", "v"]),
+        error_text=s.string("error_text", "Wrong username or password."),
+        error_status=s.integer("error_status", 200, 200, 599),
+        unavailable_text=s.string(
+            "unavailable_text", "The provisioning service is unavailable. Please try again later."
+        ),
+        max_failures=s.integer("max_failures", 10, 1, 10000),
+        failure_window=s.integer("failure_window", 300, 1, 86400),
+        lockout=s.integer("lockout", 300, 0, 86400),
+    )
+    for p in zoiper.paths:
+        if not p.startswith("/"):
+            s.error("paths", f"{p!r} must start with '/'")
+    s.finish()
+
+    s = section("log")
+    log = LogConfig(format=s.string("format", "text", ("text", "json")))
+    s.finish()
+
+    extra: dict[str, Any] = {}
+    for name, parser in SECTION_PARSERS.items():
+        s = section(name)
+        extra[name] = parser(s)
+        s.finish()
+
+    for key in data:
+        top.error(key, "unknown section" if isinstance(data[key], dict) else "unknown key")
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=path,
+        state_dir=state_dir,
+        http=http,
+        https=https,
+        tftp=tftp,
+        backend=backend,
+        provisioning=provisioning,
+        templates=templates,
+        zoiper=zoiper,
+        log=log,
+        extra=extra,
+    )

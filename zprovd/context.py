@@ -1,0 +1,128 @@
+"""What a template sees: the documented variables, built in one place.
+
+Generic (per-model) files get::
+
+    server, base_url, language, file, model, vars, request
+
+Per-MAC files get all of those plus::
+
+    mac, device, lines
+
+Zoiper documents get::
+
+    server, base_url, language, user, accounts, version, prov_id, vars, request
+
+``lines``/``accounts`` are lists of dicts with ``index`` (1-based), ``login``,
+``display_name``, ``label``, ``sip_user``, ``sip_auth_user``,
+``sip_password``, ``sip_domain``, ``sip_port``, ``sip_transport``.
+
+``vars`` merges, later winning: ``[provisioning] vars``, the model's vars,
+the users' vars (in line order), the device's vars.  ``language`` is
+``vars.language`` if set, else ``[provisioning] language``.
+
+``request`` holds ``protocol`` (http, https, tftp), ``host``, ``client`` and
+``user_agent``.  The bundled templates never use it, so that the same file
+is byte-identical over HTTP, HTTPS and TFTP and in ``zprovd render``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from zprovd.backends import Device, User
+from zprovd.catalogue import Model
+from zprovd.config import ProvisioningConfig
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    protocol: str = "http"
+    host: str = ""
+    client: str = ""
+    user_agent: str = ""
+
+    def context(self) -> dict[str, str]:
+        return {
+            "protocol": self.protocol,
+            "host": self.host,
+            "client": self.client,
+            "user_agent": self.user_agent,
+        }
+
+
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return merged
+
+
+def _base(prov: ProvisioningConfig, merged_vars: dict[str, Any], request: RequestInfo) -> dict[str, Any]:
+    return {
+        "server": prov.server,
+        "base_url": prov.base_url,
+        "language": str(merged_vars.get("language") or prov.language),
+        "vars": merged_vars,
+        "request": request.context(),
+    }
+
+
+def account_lines(users: list[User], merged_vars: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every SIP account of the users, in order, numbered from 1."""
+    lines = []
+    for user in users:
+        for account in user.accounts:
+            display = account.display_name or user.display_name or account.sip_user
+            lines.append(
+                {
+                    "index": len(lines) + 1,
+                    "login": user.login,
+                    "display_name": display,
+                    "label": display,
+                    "sip_user": account.sip_user,
+                    "sip_auth_user": account.auth_user,
+                    "sip_password": account.sip_password,
+                    "sip_domain": account.sip_domain,
+                    "sip_port": int(_merge(merged_vars, user.vars).get("sip_port", 5060)),
+                    "sip_transport": str(_merge(merged_vars, user.vars).get("sip_transport", "udp")),
+                }
+            )
+    return lines
+
+
+def generic_context(prov: ProvisioningConfig, model: Model, file: str, request: RequestInfo) -> dict[str, Any]:
+    merged = _merge(prov.vars, model.vars)
+    ctx = _base(prov, merged, request)
+    ctx.update(model=model.context(), file=file)
+    return ctx
+
+
+def device_context(
+    prov: ProvisioningConfig, model: Model, device: Device, users: list[User], file: str, request: RequestInfo
+) -> dict[str, Any]:
+    merged = _merge(prov.vars, model.vars, *[u.vars for u in users], device.vars)
+    ctx = _base(prov, merged, request)
+    ctx.update(
+        model=model.context(),
+        file=file,
+        mac=device.mac,
+        device={"mac": device.mac, "model": device.model, "vars": dict(device.vars)},
+        lines=account_lines(users, merged),
+    )
+    return ctx
+
+
+def zoiper_context(prov: ProvisioningConfig, user: User, version: str, request: RequestInfo) -> dict[str, Any]:
+    merged = _merge(prov.vars, user.vars)
+    ctx = _base(prov, merged, request)
+    ctx.update(
+        user={"login": user.login, "display_name": user.display_name or user.login},
+        accounts=account_lines([user], merged),
+        version=version,
+        # Stable per user and server, changes when the login does: Zoiper uses
+        # it to tell provisioned configurations apart.
+        prov_id=hashlib.md5(f"{prov.server}\0{user.login}".encode()).hexdigest(),
+    )
+    return ctx

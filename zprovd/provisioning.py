@@ -1,0 +1,292 @@
+"""The provisioning pipeline shared by HTTP, HTTPS, TFTP and ``zprovd render``.
+
+``Provisioner.handle(request)`` routes the request, identifies the device or
+user (backend look-ups, off the reactor), records what it learned (a phone
+seen, a file fetched), renders the template and returns a ``Response``.  The
+protocol layers only turn the Response into bytes on their wire.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.logger import Logger
+
+from zprovd import passwords
+from zprovd.backends import Backend, Device, Fetch, SeenDevice, User
+from zprovd.catalogue import Catalogue, Model
+from zprovd.config import Config
+from zprovd.context import RequestInfo, device_context, generic_context, zoiper_context
+from zprovd.firmware import FirmwareFolder
+from zprovd.renderer import Renderer, RenderError
+from zprovd.routing import (
+    BadRequest,
+    FirmwareRoute,
+    GenericRoute,
+    NotFound,
+    PerMacRoute,
+    Request,
+    Router,
+    ZoiperRoute,
+)
+from zprovd.throttle import FailureLimiter
+
+log = Logger(namespace="zprovd.provisioning")
+
+XML = "application/xml; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
+ERROR_TEMPLATE = "zoiper/error.xml.j2"
+VERSIONS_FILE = "zoiper/versions.toml"
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = TEXT
+    file: Path | None = None
+    """Firmware: stream this file instead of ``body``."""
+    headers: dict[str, str] = field(default_factory=dict)
+    who: str = "-"
+    """For the audit log: the MAC or login the request was about."""
+    reason: str = ""
+    """For the audit log: why it was refused, or what was served."""
+
+
+def _text(status: int, message: str, **kw: Any) -> Response:
+    return Response(status, (message + "\n").encode(), TEXT, **kw)
+
+
+def _parse_version(text: str) -> tuple[int, ...] | None:
+    try:
+        parts = tuple(int(p) for p in text.strip().split("."))
+    except ValueError:
+        return None
+    return parts if parts else None
+
+
+class ZoiperDocuments:
+    """Which template answers which Zoiper version (``zoiper/versions.toml``)."""
+
+    def __init__(self, renderer: Renderer):
+        source = renderer.source_of(VERSIONS_FILE)
+        if source is None:
+            raise RenderError(VERSIONS_FILE, "not found")
+        try:
+            data = tomllib.loads(source.read_text("utf-8"))
+            rows = [(str(d["min_version"]), str(d["template"])) for d in data["document"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RenderError(VERSIONS_FILE, f"{source}: {exc}") from None
+        documents = []
+        for version, template in rows:
+            parsed = _parse_version(version)
+            if parsed is None:
+                raise RenderError(VERSIONS_FILE, f"{source}: {version!r} is not a version like 1.14")
+            documents.append((parsed, template))
+        if not documents:
+            raise RenderError(VERSIONS_FILE, f"{source}: no [[document]]")
+        self.documents = sorted(documents)
+        self.source = source
+
+    def template_for(self, version: str | None) -> str:
+        """The highest document whose min_version <= version; the newest otherwise."""
+        wanted = _parse_version(version) if version else None
+        if wanted is not None:
+            fitting = [t for v, t in self.documents if v <= wanted]
+            if fitting:
+                return fitting[-1]
+        return self.documents[-1][1]
+
+    def templates(self) -> list[str]:
+        return [t for _, t in self.documents]
+
+
+class Provisioner:
+    def __init__(
+        self,
+        config: Config,
+        catalogue: Catalogue,
+        renderer: Renderer,
+        backend: Backend,
+        run_blocking: Callable[..., Deferred],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.catalogue = catalogue
+        self.renderer = renderer
+        self.backend = backend
+        self.run_blocking = run_blocking
+        self.clock = clock
+        fw_dir = config.tftp.firmware_dir
+        self.firmware = FirmwareFolder(fw_dir) if fw_dir else None
+        self.router = Router(catalogue, config.zoiper, self.firmware.lookup if self.firmware else None)
+        self.zoiper_documents = ZoiperDocuments(renderer)
+        z = config.zoiper
+        self.limiter = FailureLimiter(z.max_failures, z.failure_window, z.lockout)
+        self._dummy_hash = passwords.hash_password(os.urandom(16).hex())
+
+    # ------------------------------------------------------------------
+
+    def handle(self, request: Request) -> Deferred:
+        """Answer one request; the Deferred fires with a Response, never fails."""
+        route = self.router.route(request)
+        info = RequestInfo(request.protocol, request.host, request.client, request.user_agent)
+        if isinstance(route, BadRequest):
+            return _done(_text(400, "Bad request", reason=route.reason))
+        if isinstance(route, NotFound):
+            return _done(_text(404, "Not found", reason="no such file"))
+        if isinstance(route, ZoiperRoute):
+            d = self._zoiper(route, request, info)
+        elif isinstance(route, GenericRoute):
+            d = _done(self._generic(route, info))
+        elif isinstance(route, PerMacRoute):
+            d = self._per_mac(route, request, info)
+        elif isinstance(route, FirmwareRoute):
+            assert self.firmware is not None
+            d = _done(Response(200, file=self.firmware.path(route.name), content_type="application/octet-stream", reason="firmware"))
+        else:  # pragma: no cover - the union is exhaustive
+            raise AssertionError(route)
+        d.addErrback(self._unexpected, request)
+        return d
+
+    def _unexpected(self, failure, request: Request) -> Response:
+        log.failure("unexpected error answering {protocol} request", failure, protocol=request.protocol)
+        return _text(500, "Internal error", reason="internal error")
+
+    # -- desk phones ----------------------------------------------------
+
+    def _generic(self, route: GenericRoute, info: RequestInfo) -> Response:
+        ctx = generic_context(self.config.provisioning, route.model, route.name, info)
+        return self._render(route.file.template, ctx, who=route.model.id, reason=f"generic {route.model.id}")
+
+    def _render(self, template: str, ctx: dict[str, Any], who: str, reason: str) -> Response:
+        try:
+            body = self.renderer.render(template, ctx)
+        except RenderError as exc:
+            log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
+            return _text(500, "Internal error", who=who, reason="template error")
+        content_type = XML if self.renderer.is_xml(template) else TEXT
+        return Response(200, body, content_type, who=who, reason=reason)
+
+    @inlineCallbacks
+    def _per_mac(self, route: PerMacRoute, request: Request, info: RequestInfo):
+        mac = route.mac
+        try:
+            device = yield self.backend.get_device(mac)
+        except Exception as exc:
+            log.error("backend failed looking up {mac}: {error}", mac=mac, error=exc)
+            returnValue(_text(503, "Service unavailable", who=mac, reason="backend unavailable"))
+        now = self.clock()
+        if device is None:
+            guess = self.catalogue.guess_model(route.name, request.user_agent, mac)
+            seen = SeenDevice(mac, guess, request.client, route.name, request.user_agent, now, now, 1)
+            self._background(self.backend.record_seen(seen), "recording unknown phone")
+            log.info(
+                "unknown phone {mac} ({guess}) from {client} asked {file}; `zprovd device add` assigns it",
+                mac=mac, guess=guess, client=request.client, file=route.name,
+            )
+            returnValue(_text(404, "Not found", who=mac, reason="unknown MAC"))
+        model = self.catalogue.get(device.model)
+        if model is None:
+            log.warn("device {mac} has model {model}, which is not in the catalogue", mac=mac, model=device.model)
+            returnValue(_text(404, "Not found", who=mac, reason="unknown model"))
+        pm = route.file_for(model.id)
+        if pm is None:
+            log.info(
+                "device {mac} is a {model}, whose files are not named like {file}",
+                mac=mac, model=model.id, file=route.name,
+            )
+            returnValue(_text(404, "Not found", who=mac, reason="model mismatch"))
+        try:
+            users = yield self._users_of(device)
+        except Exception as exc:
+            log.error("backend failed looking up the users of {mac}: {error}", mac=mac, error=exc)
+            returnValue(_text(503, "Service unavailable", who=mac, reason="backend unavailable"))
+        if not users:
+            log.warn("device {mac} ({model}) has no user: nothing to provision", mac=mac, model=model.id)
+            returnValue(_text(404, "Not found", who=mac, reason="no user assigned"))
+        ctx = device_context(self.config.provisioning, model, device, users, route.name, info)
+        response = self._render(pm.template, ctx, who=mac, reason=f"per-MAC {model.id}")
+        if response.status == 200:
+            fetch = Fetch(now, request.client, route.name)
+            self._background(self.backend.record_fetch(mac, fetch), "recording a fetch")
+        returnValue(response)
+
+    @inlineCallbacks
+    def _users_of(self, device: Device):
+        users = []
+        for login in device.users:
+            user = yield self.backend.get_user(login)
+            if user is not None:
+                users.append(user)
+        returnValue(users)
+
+    def _background(self, d: Deferred, what: str) -> None:
+        d.addErrback(lambda f: log.warn("{what} failed: {error}", what=what, error=f.getErrorMessage()))
+
+    # -- Zoiper ----------------------------------------------------------
+
+    def zoiper_error(self, status: int, text: str, who: str, reason: str) -> Response:
+        try:
+            body = self.renderer.render(ERROR_TEMPLATE, {"text": text})
+        except RenderError as exc:
+            log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
+            body = b'<?xml version="1.0"?>\n<error code="1">Provisioning failed.</error>\n'
+        return Response(status, body, XML, who=who, reason=reason)
+
+    @inlineCallbacks
+    def _zoiper(self, route: ZoiperRoute, request: Request, info: RequestInfo):
+        z = self.config.zoiper
+        if route.login is None or route.password is None or not route.login:
+            headers = {} if route.via == "query" else {"WWW-Authenticate": 'Basic realm="zprovd"'}
+            response = self.zoiper_error(z.error_status if route.via == "query" else 401, z.error_text, "-", "missing credentials")
+            response.headers.update(headers)
+            returnValue(response)
+        login = route.login
+        now = self.clock()
+        blocked = max(self.limiter.blocked_for("addr:" + request.client, now), self.limiter.blocked_for("login:" + login, now))
+        if blocked > 0:
+            log.warn("refused login {login} from {client}: too many failures", login=login, client=request.client)
+            response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
+            response.headers["Retry-After"] = str(int(blocked) + 1)
+            returnValue(response)
+        try:
+            user = yield self.backend.get_user(login)
+        except Exception as exc:
+            log.error("backend failed looking up {login}: {error}", login=login, error=exc)
+            returnValue(self.zoiper_error(503, z.unavailable_text, login, "backend unavailable"))
+        # An unknown login costs the same hashing work as a known one.
+        stored = user.password_hash if user is not None else self._dummy_hash
+        ok = yield self.run_blocking(passwords.verify_password, stored, route.password)
+        if user is None or not ok:
+            self.limiter.failure("addr:" + request.client, now)
+            self.limiter.failure("login:" + login, now)
+            log.warn(
+                "failed login {login} from {client} ({why})",
+                login=login, client=request.client, why="unknown user" if user is None else "wrong password",
+            )
+            returnValue(self.zoiper_error(z.error_status, z.error_text, login, "unknown user" if user is None else "wrong password"))
+        self.limiter.success("login:" + login)
+        returnValue(self.render_zoiper(user, route.version, info))
+
+    def render_zoiper(self, user: User, version: str | None, info: RequestInfo) -> Response:
+        template = self.zoiper_documents.template_for(version)
+        ctx = zoiper_context(self.config.provisioning, user, version or "", info)
+        try:
+            body = self.renderer.render(template, ctx)
+        except RenderError as exc:
+            log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
+            return self.zoiper_error(500, "Provisioning failed: server configuration error.", user.login, "template error")
+        return Response(200, body, XML, who=user.login, reason=f"zoiper {template}")
+
+
+def _done(response: Response) -> Deferred:
+    d: Deferred = Deferred()
+    d.callback(response)
+    return d

@@ -1,0 +1,105 @@
+"""The one renderer HTTP, HTTPS, TFTP and the CLI share.
+
+Templates are Jinja2, looked up in the operator folders first and the bundled
+folder last.  Every template runs in Jinja2's sandbox with StrictUndefined (a
+missing variable is an error, never an empty string).  Templates whose name
+contains ``.xml`` or ``.htm`` (``polycom/mac.xml.j2``) are autoescaped for
+XML; key/value formats are not, so they should use the ``kv`` filter, which
+refuses line breaks that would inject extra keys.
+
+Compiled templates are cached and re-read when their file changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from zprovd.catalogue import bundled_templates_dir
+from zprovd.mac import format_mac
+
+
+class RenderError(Exception):
+    """A template could not be found or rendered; the message says which and why."""
+
+    def __init__(self, template: str, reason: str):
+        self.template = template
+        self.reason = reason
+        super().__init__(f"template {template}: {reason}")
+
+
+def _autoescape(name: str | None) -> bool:
+    if not name:
+        return False
+    return any(part in ("xml", "htm", "html", "rng") for part in Path(name).name.lower().split(".")[1:])
+
+
+def _kv(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if "\n" in text or "\r" in text:
+        raise ValueError("a value for a key/value file contains a line break")
+    return text
+
+
+def _quoted(value: Any) -> str:
+    """For ``KEY="value"`` formats: refuse line breaks and double quotes."""
+    text = _kv(value)
+    if '"' in text:
+        raise ValueError('a value for a KEY="value" file contains a double quote')
+    return text
+
+
+class Renderer:
+    def __init__(self, operator_dirs: list[Path], bundled_dir: Path | None = None):
+        self.dirs = [Path(d) for d in operator_dirs] + [bundled_dir or bundled_templates_dir()]
+        self.env = SandboxedEnvironment(
+            loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
+            undefined=jinja2.StrictUndefined,
+            autoescape=_autoescape,
+            auto_reload=True,
+            keep_trailing_newline=True,
+            cache_size=1000,
+        )
+        self.env.filters["mac"] = format_mac
+        self.env.filters["kv"] = _kv
+        self.env.filters["quoted"] = _quoted
+
+    def render(self, template: str, context: dict[str, Any]) -> bytes:
+        try:
+            compiled = self.env.get_template(template)
+            return compiled.render(context).encode("utf-8")
+        except jinja2.TemplateNotFound:
+            raise RenderError(template, "not found in " + ", ".join(map(str, self.dirs))) from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(template, f"syntax error line {exc.lineno}: {exc.message}") from None
+        except jinja2.UndefinedError as exc:
+            raise RenderError(template, f"undefined variable: {exc.message}") from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise RenderError(template, f"refused by the sandbox: {exc}") from None
+        except Exception as exc:  # a filter raising, a bad operator template
+            raise RenderError(template, f"{type(exc).__name__}: {exc}") from None
+
+    def is_xml(self, template: str) -> bool:
+        """Whether the template renders an XML format (and so is autoescaped)."""
+        return _autoescape(template)
+
+    def check(self, template: str) -> str | None:
+        """Compile a template; return the problem, or None if it compiles."""
+        try:
+            self.env.get_template(template)
+        except jinja2.TemplateNotFound:
+            return f"template {template}: not found"
+        except jinja2.TemplateSyntaxError as exc:
+            return f"template {template}: syntax error line {exc.lineno}: {exc.message}"
+        return None
+
+    def source_of(self, template: str) -> Path | None:
+        """The file that wins for this template name, or None."""
+        for d in self.dirs:
+            candidate = d / template
+            if candidate.is_file():
+                return candidate
+        return None

@@ -1,0 +1,43 @@
+"""What TFTP serves: the provisioning pipeline, seen as TFTP readers.
+
+The same ``Provisioner`` answers HTTP and TFTP, so a file is byte-identical
+on both.  404 becomes TFTP "file not found", 400 (a path escaping the
+folder, NUL, ...) "access violation", anything else an error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from zprovd.provisioning import Provisioner, Response
+from zprovd.routing import Request
+from zprovd.tftp.source import AccessDenied, BytesReader, FileReader
+
+access_log = Logger(namespace="zprovd.access")
+
+
+class ProvisioningSource:
+    def __init__(self, provisioner: Callable[[], Provisioner]):
+        self.provisioner = provisioner
+
+    def __call__(self, name: str, client: tuple[str, int]) -> Deferred:
+        request = Request(protocol="tftp", path=name, client=client[0])
+        d = self.provisioner().handle(request)
+        d.addCallback(self._reader, name, client[0])
+        return d
+
+    def _reader(self, response: Response, name: str, client: str):
+        access_log.info(
+            'tftp {client} "RRQ {name}" {status} - - who={who} "{reason}"',
+            client=client, name=name, status=response.status, who=response.who, reason=response.reason or "-",
+        )
+        if response.status == 200:
+            return FileReader(response.file) if response.file is not None else BytesReader(response.body)
+        if response.status == 404:
+            return None
+        if response.status in (400, 401, 403):
+            raise AccessDenied(response.reason or "access violation")
+        raise RuntimeError(f"cannot serve {name}: {response.reason or response.status}")

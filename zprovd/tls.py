@@ -1,0 +1,113 @@
+"""TLS for the HTTPS listener: load a PEM chain, or make a self-signed one.
+
+Certificates are generated with ``cryptography`` (pyOpenSSL's own
+dependency; pyOpenSSL's certificate-building API is deprecated) and served
+through pyOpenSSL by Twisted, with TLS 1.2 as the floor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
+from twisted.internet import ssl
+
+
+class TLSError(Exception):
+    """The certificate or key cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class CertificatePaths:
+    certificate: Path
+    private_key: Path
+
+
+def generated_paths(state_dir: Path) -> CertificatePaths:
+    return CertificatePaths(state_dir / "tls" / "cert.pem", state_dir / "tls" / "key.pem")
+
+
+def ensure_self_signed(state_dir: Path, server_name: str) -> CertificatePaths:
+    """Create a self-signed certificate in state_dir once; reuse it afterwards."""
+    paths = generated_paths(state_dir)
+    if paths.certificate.exists() and paths.private_key.exists():
+        return paths
+    paths.certificate.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    for candidate in {server_name, "127.0.0.1", "::1"}:
+        if not candidate:
+            continue
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(candidate)))
+        except ValueError:
+            names.append(x509.DNSName(candidate))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name or "zprovd")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_private(paths.private_key, key_pem)
+    _write_private(paths.certificate, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return paths
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_pem_chain(paths: CertificatePaths) -> tuple[crypto.PKey, list[crypto.X509]]:
+    """Read and check a key and a certificate chain (leaf first)."""
+    try:
+        key_pem = paths.private_key.read_bytes()
+    except OSError as exc:
+        raise TLSError(f"cannot read private key {paths.private_key}: {exc.strerror}") from None
+    try:
+        chain_pem = paths.certificate.read_bytes()
+    except OSError as exc:
+        raise TLSError(f"cannot read certificate {paths.certificate}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise TLSError(f"{paths.private_key} is not an unencrypted PEM private key ({exc})") from None
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise TLSError(f"{paths.certificate} is not a PEM certificate chain ({exc})") from None
+    if chain[0].public_key().public_numbers() != key.public_key().public_numbers():
+        raise TLSError(f"{paths.certificate} does not match the private key {paths.private_key}")
+    return crypto.PKey.from_cryptography_key(key), [crypto.X509.from_cryptography(c) for c in chain]
+
+
+def server_context(paths: CertificatePaths) -> ssl.CertificateOptions:
+    key, chain = load_pem_chain(paths)
+    return ssl.CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
