@@ -181,7 +181,7 @@ class Daemon(MultiService):
             upload_max_bytes=cfg.upload_max_bytes,
         )
         try:
-            server.listen()
+            server.privilegedStartService()
         except CannotListenError as exc:
             raise StartupError(f"cannot listen for tftp on {exc.interface}:{exc.port}: {_errno_text(exc)}") from None
         server.setName("tftp")
@@ -203,6 +203,7 @@ class Daemon(MultiService):
     def stop(self):
         """Stop accepting, let work in flight finish, release everything."""
         if self.running:
+            log.info("stopping")
             yield self.stopService()
         if self.backend is not None:
             try:

@@ -52,4 +52,8 @@ def start_logging(format: str = "text", level: LogLevel = LogLevel.info, stream:
     stream = stream or sys.stderr
     observer = _json_observer(stream) if format == "json" else _text_observer(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    # Twisted's own chatter ("Site starting on 80", "Main loop terminated")
+    # says nothing an operator needs; its warnings and errors still show.
+    for namespace in ("log_legacy", "twisted"):
+        predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)

@@ -6,6 +6,7 @@ import base64
 import signal
 import socket
 import subprocess
+from urllib.parse import quote
 
 import pytest
 
@@ -25,13 +26,13 @@ def test_serves_zoiper_over_http_and_https_with_generated_certificate(tmp_path, 
     config = free_config(tmp_path)
     add_demo_user(config)
     d = daemon_factory(config).start()
-    r = curl("-w", "\n%{http_code}", d.url("http", f"/zoiper?user=alice&password={PASSWORD}"))
+    r = curl("-w", "\n%{http_code}", d.url("http", f"/zoiper?user=alice&password={quote(PASSWORD)}"))
     body, status = r.stdout.rsplit(b"\n", 1)
     assert status == b"200", r
     assert b"<username>alice</username>" in body
     cert = tmp_path / "state" / "tls" / "cert.pem"
     assert cert.exists()
-    r = curl("--cacert", str(cert), "-w", "\n%{http_code}", d.url("https", f"/zoiper?user=alice&password={PASSWORD}"))
+    r = curl("--cacert", str(cert), "-w", "\n%{http_code}", d.url("https", f"/zoiper?user=alice&password={quote(PASSWORD)}"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith(b"\n200") and b"<username>alice</username>" in r.stdout
     # TLS 1.2 is the floor.
@@ -105,7 +106,7 @@ def test_access_log_never_shows_a_password(tmp_path, daemon_factory):
     config = free_config(tmp_path)
     add_demo_user(config)
     d = daemon_factory(config).start()
-    curl(d.url("http", f"/zoiper?user=alice&password={PASSWORD}&version=1.14"))
+    curl(d.url("http", f"/zoiper?user=alice&password={quote(PASSWORD)}&version=1.14"))
     curl(d.url("http", "/zoiper?user=alice&password=wrong-guess-77"))
     curl("-u", f"alice:{PASSWORD}", d.url("http", "/zoiper"))
     curl("-H", "Authorization: Basic " + base64.b64encode(b"alice:basic-guess-55").decode(), d.url("http", "/zoiper"))
