@@ -5,7 +5,8 @@ folder last.  Every template runs in Jinja2's sandbox with StrictUndefined (a
 missing variable is an error, never an empty string).  Templates whose name
 contains ``.xml`` or ``.htm`` (``polycom/mac.xml.j2``) are autoescaped for
 XML; key/value formats are not, so they should use the ``kv`` filter, which
-refuses line breaks that would inject extra keys.
+refuses line breaks that would inject extra keys.  A template stops with a
+message of its own by calling ``fail("why")``.
 
 Compiled templates are cached and re-read when their file changes.
 """
@@ -20,6 +21,14 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from zprovd.catalogue import bundled_templates_dir
 from zprovd.mac import format_mac
+
+
+class TemplateFailure(Exception):
+    """Raised by ``fail(message)`` in a template: the value cannot be rendered."""
+
+
+def _fail(message: str) -> None:
+    raise TemplateFailure(message)
 
 
 class RenderError(Exception):
@@ -66,6 +75,7 @@ class Renderer:
         self.env.filters["mac"] = format_mac
         self.env.filters["kv"] = _kv
         self.env.filters["quoted"] = _quoted
+        self.env.globals["fail"] = _fail
 
     def render(self, template: str, context: dict[str, Any]) -> bytes:
         try:
@@ -77,6 +87,8 @@ class Renderer:
             raise RenderError(template, f"syntax error line {exc.lineno}: {exc.message}") from None
         except jinja2.UndefinedError as exc:
             raise RenderError(template, f"undefined variable: {exc.message}") from None
+        except TemplateFailure as exc:
+            raise RenderError(template, str(exc)) from None
         except jinja2.exceptions.SecurityError as exc:
             raise RenderError(template, f"refused by the sandbox: {exc}") from None
         except Exception as exc:  # a filter raising, a bad operator template
