@@ -138,3 +138,15 @@ def daemon_factory():
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """curl with status code and body captured: returns (stdout=body+status line)."""
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
+
+
+# The third-party backend used by the contract tests and the entry-point test:
+# registered at run time through a *.dist-info folder on sys.path.
+import importlib.util  # noqa: E402
+
+_name = "zprovd_dummy_backend_helpers"
+if _name not in sys.modules:
+    _spec = importlib.util.spec_from_file_location(_name, Path(__file__).parent / "fixtures" / "dummy_backend" / "conftest_helpers.py")
+    sys.modules[_name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_name])
+register_dummy_backend = sys.modules[_name].register_dummy_backend

@@ -68,7 +68,7 @@ class Session:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            context = BackendContext(self.config.state_dir, self.config.path.resolve().parent, run_inline)
+            context = BackendContext(self.config.state_dir, self.config.path.resolve().parent, run_inline, self.config.provisioning.server)
             try:
                 backend = create_backend(self.config.backend.type, self.config.backend.options, context)
                 wait(backend.open())

@@ -65,7 +65,7 @@ class ListeningService(Service):
 
 def build_components(config: Config, run_blocking) -> tuple[Any, Any, Renderer]:
     """The backend (not yet opened), catalogue and renderer a config describes."""
-    context = BackendContext(config.state_dir, config.path.resolve().parent, run_blocking)
+    context = BackendContext(config.state_dir, config.path.resolve().parent, run_blocking, config.provisioning.server)
     try:
         backend = create_backend(config.backend.type, config.backend.options, context)
     except BackendError as exc:

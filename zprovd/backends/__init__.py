@@ -12,6 +12,15 @@ on the reactor thread: a backend receives a ``run_blocking`` callable in its
 passes one that uses a thread pool; the CLI passes one that runs inline, so
 that the same backend code serves both.
 
+Rules every backend follows (the contract tests in
+tests/unit/test_backend_contract.py check them): MACs are accepted in any
+spelling; returned records are copies, lists are sorted (users by login,
+devices by MAC, seen phones most recent first); ``remove_*`` raise NotFound
+when absent; a user a device references cannot be removed, and a device
+cannot name an unknown user; ``save_device`` with ``last_fetch=None`` keeps
+the recorded fetch; ``record_fetch`` ignores unknown MACs and
+``record_seen`` ignores configured ones.
+
 See "Writing a backend" in the README.
 """
 
@@ -107,6 +116,8 @@ class BackendContext:
     config_dir: Path
     run_blocking: Callable[..., Deferred]
     """``run_blocking(f, *args)``: run a blocking function off the reactor."""
+    default_sip_domain: str = ""
+    """``[provisioning] server``: the SIP domain of accounts that name none."""
 
 
 def run_inline(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
