@@ -8,11 +8,13 @@ XML; key/value formats are not, so they should use the ``kv`` filter, which
 refuses line breaks that would inject extra keys.  A template stops with a
 message of its own by calling ``fail("why")``.
 
-Compiled templates are cached and re-read when their file changes.
+Compiled templates are cached and re-read when their file changes, when an
+override appears in an operator folder, or when an override is removed.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,31 @@ def _quoted(value: Any) -> str:
     return text
 
 
+class _OverridableLoader(jinja2.FileSystemLoader):
+    """A FileSystemLoader whose cached templates also go stale when a file of
+    the same name appears in a folder searched earlier (an operator override
+    added while the daemon runs), or when the file they came from goes away."""
+
+    def get_source(self, environment, template):
+        source, filename, uptodate = super().get_source(environment, template)
+        earlier = []
+        for folder in self.searchpath:
+            candidate = os.path.join(folder, *template.split("/"))
+            if os.path.normpath(candidate) == os.path.normpath(filename):
+                break
+            earlier.append(candidate)
+
+        def still_current() -> bool:
+            return uptodate() and not any(os.path.isfile(p) for p in earlier)
+
+        return source, filename, still_current
+
+
 class Renderer:
     def __init__(self, operator_dirs: list[Path], bundled_dir: Path | None = None):
         self.dirs = [Path(d) for d in operator_dirs] + [bundled_dir or bundled_templates_dir()]
         self.env = SandboxedEnvironment(
-            loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
+            loader=_OverridableLoader([str(d) for d in self.dirs]),
             undefined=jinja2.StrictUndefined,
             autoescape=_autoescape,
             auto_reload=True,
