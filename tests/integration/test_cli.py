@@ -1,0 +1,111 @@
+"""The admin CLI as an operator runs it: messages, exit codes, no secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import free_config, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def config(tmp_path):
+    return free_config(tmp_path)
+
+
+def ok(config, *args):
+    r = run_cli(config, *args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_user_defaults_and_show_never_prints_secrets(config):
+    ok(config, "user", "add", "alice", "--password", "Top-Secret-1", "--var", "language=fr", "--var", "tz=Europe/Paris")
+    out = ok(config, "user", "show", "alice")
+    assert "sip user alice, auth user alice, domain 127.0.0.1" in out  # defaults: login, login, [provisioning] server
+    assert "var:           language=fr" in out and "tz=Europe/Paris" in out
+    assert "Top-Secret-1" not in out
+    assert "alice" in ok(config, "user", "list")
+    r = run_cli(config, "user", "add", "alice", "--password", "x")
+    assert r.returncode == 1 and "user alice exists (use --replace to overwrite it)" in r.stderr
+    ok(config, "user", "add", "alice", "--password", "y", "--replace")
+
+
+def test_device_mac_in_any_spelling(config):
+    ok(config, "user", "add", "bob", "--password", "pw")
+    ok(config, "device", "add", "00-15-65-AA-BB-CC", "--model", "yealink-t48g", "--user", "bob", "--var", "language=de")
+    for spelling in ("001565aabbcc", "00:15:65:AA:BB:CC", "0015.65aa.bbcc"):
+        out = ok(config, "device", "show", spelling)
+        assert "mac:           00:15:65:aa:bb:cc" in out and "model:         yealink-t48g" in out
+    assert "00:15:65:aa:bb:cc  yealink-t48g  bob" in ok(config, "device", "list")
+    ok(config, "device", "remove", "001565AABBCC")
+    r = run_cli(config, "device", "show", "001565aabbcc")
+    assert r.returncode == 1 and "no device 00:15:65:aa:bb:cc" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["device", "add", "00:15:65:aa:bb", "--model", "yealink-t48g"], "'00:15:65:aa:bb' is not a MAC address"),
+    (["device", "add", "001565aabbcc", "--model", "yealink-t999"], "unknown model 'yealink-t999'; `zprovd models` lists them"),
+    (["device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "ghost"], "no user ghost"),
+    (["user", "add", "carol", "--password", "pw", "--var", "novalue"], "--var 'novalue': expected KEY=VALUE"),
+    (["user", "remove", "nobody"], "no user nobody"),
+    (["render", "--user", "nobody"], "no user nobody"),
+    (["render", "--mac", "001565aabbcc"], "no device 00:15:65:aa:bb:cc"),
+    (["templates", "diff", "acme-x1"], "unknown model 'acme-x1'"),
+])
+def test_bad_input_gets_one_clear_line(config, args, message):
+    r = run_cli(config, *args)
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_removing_a_user_a_device_uses_is_refused(config):
+    ok(config, "user", "add", "dave", "--password", "pw")
+    ok(config, "device", "add", "001565000001", "--model", "yealink-t48g", "--user", "dave")
+    r = run_cli(config, "user", "remove", "dave")
+    assert r.returncode == 1 and "001565000001" in r.stderr.replace(":", "")
+    assert "dave" in ok(config, "user", "list")
+
+
+def test_import_is_all_or_nothing_and_names_the_line(config, tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text(
+        "login,password,display_name,sip_user,sip_auth_user,sip_password,sip_domain,mac,model,language\n"
+        "ann,ann-pw,Ann,201,,sip-201,pbx.example.org,00:15:65:00:00:01,yealink-t48g,es\n"
+        "ann,ann-pw,Ann,202,,sip-202,pbx.example.org,,,es\n"
+        "ben,ben-pw,Ben,203,,,,00:15:65:00:00:01,yealink-t48g,\n"
+    )
+    assert "imported 2 users and 1 devices" in ok(config, "import", str(good))
+    out = ok(config, "user", "show", "ann")
+    assert "account 2:" in out and "var:           language=es" in out
+    assert "users:         ann, ben" in ok(config, "device", "show", "001565000001")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "login,password,display_name,sip_user,sip_auth_user,sip_password,sip_domain,mac,model\n"
+        "cat,cat-pw,Cat,301,,,,,\n"
+        "dan,dan-pw,Dan,302,,,,00:15:65:zz:00:02,yealink-t48g\n"
+    )
+    r = run_cli(config, "import", str(bad))
+    assert r.returncode == 1
+    assert f"{bad}:3:" in r.stderr and "nothing imported" in r.stderr
+    assert "cat" not in ok(config, "user", "list")  # line 2 was fine, but nothing was written
+    unknown = tmp_path / "unknown-model.csv"
+    unknown.write_text("login,password,mac,model\neve,eve-pw,001565000003,acme-x1\n")
+    r = run_cli(config, "import", str(unknown))
+    assert r.returncode == 1 and "unknown model(s) acme-x1" in r.stderr
+    assert "eve" not in ok(config, "user", "list")
+
+
+def test_default_config_path_comes_from_the_environment(config, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ZPROVD_CONFIG=str(config))
+    r = subprocess.run([sys.executable, "-m", "zprovd", "user", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("LOGIN")
+    env["ZPROVD_CONFIG"] = str(tmp_path / "missing.toml")
+    r = subprocess.run([sys.executable, "-m", "zprovd", "user", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and f"{tmp_path / 'missing.toml'}: cannot read configuration" in r.stderr
