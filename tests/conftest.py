@@ -19,7 +19,7 @@ SERVING = re.compile(r"zprovd: serving (\w+) on (\S+):(\d+)$")
 
 
 def free_config(tmp: Path, extra: str = "", backend: str = 'type = "sqlite"', http: bool = True,
-                https: bool = True, tftp: bool = True) -> Path:
+                https: bool = True, tftp: bool = True, metrics: bool = True) -> Path:
     """A config on free loopback ports (port 0: the daemon reports what it bound)."""
     state = tmp / "state"
     text = f"""
@@ -35,6 +35,8 @@ def free_config(tmp: Path, extra: str = "", backend: str = 'type = "sqlite"', ht
     [provisioning]
     server = "127.0.0.1"
     base_url = "http://127.0.0.1:8080/provision/"
+    [metrics]
+    listen = [{'"127.0.0.1:0"' if metrics else ''}]
     """
     path = tmp / "zprovd.toml"
     path.write_text(textwrap.dedent(text) + textwrap.dedent(extra))

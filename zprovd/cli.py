@@ -122,6 +122,8 @@ def _table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_run(s: Session, args) -> int:
+    import signal
+
     from twisted.internet import reactor
 
     from zprovd.daemon import Daemon, StartupError
@@ -134,6 +136,7 @@ def cmd_run(s: Session, args) -> int:
     def started(_):
         for bound in daemon.bound:
             print(f"zprovd: serving {bound.protocol} on {bound.host}:{bound.port}", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(daemon.reload))
 
     def failed(failure: Failure):
         if failure.check(StartupError):
@@ -151,21 +154,11 @@ def cmd_run(s: Session, args) -> int:
 
 
 def cmd_check(s: Session, args) -> int:
-    problems: list[str] = []
+    from zprovd.daemon import check_templates
+
     renderer = s.renderer()
     catalogue = load_catalogue(renderer.dirs)
-    problems += catalogue.problems
-    templates = {f.template for m in catalogue.models.values() for f in [*m.generic, *m.per_mac]}
-    try:
-        from zprovd.provisioning import ERROR_TEMPLATE, ZoiperDocuments
-
-        templates |= set(ZoiperDocuments(renderer).templates()) | {ERROR_TEMPLATE}
-    except RenderError as exc:
-        problems.append(str(exc))
-    for template in sorted(templates):
-        problem = renderer.check(template)
-        if problem:
-            problems.append(problem)
+    problems = catalogue.problems + check_templates(catalogue, renderer)
     try:
         s.backend
     except CommandError as exc:

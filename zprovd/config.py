@@ -100,6 +100,18 @@ class LogConfig:
 
 
 @dataclass
+class ServerConfig:
+    user: str
+    group: str
+    shutdown_timeout: int
+
+
+@dataclass
+class MetricsConfig:
+    listen: list[Listen]
+
+
+@dataclass
 class Config:
     path: Path
     state_dir: Path
@@ -111,6 +123,8 @@ class Config:
     templates: TemplatesConfig
     zoiper: ZoiperConfig
     log: LogConfig
+    server: ServerConfig
+    metrics: MetricsConfig
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections parsed by subsystems (``SECTION_PARSERS``), by section name."""
 
@@ -374,6 +388,18 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     log = LogConfig(format=s.string("format", "text", ("text", "json")))
     s.finish()
 
+    s = section("server")
+    server_section = ServerConfig(
+        user=s.string("user", ""),
+        group=s.string("group", ""),
+        shutdown_timeout=s.integer("shutdown_timeout", 30, 0, 3600),
+    )
+    s.finish()
+
+    s = section("metrics")
+    metrics = MetricsConfig(listen=s.listen("listen", ["127.0.0.1:9151"]))
+    s.finish()
+
     extra: dict[str, Any] = {}
     for name, parser in SECTION_PARSERS.items():
         s = section(name)
@@ -396,5 +422,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         templates=templates,
         zoiper=zoiper,
         log=log,
+        server=server_section,
+        metrics=metrics,
         extra=extra,
     )

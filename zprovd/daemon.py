@@ -1,19 +1,29 @@
-"""The daemon: one MultiService of one service per protocol.
+"""The daemon: one MultiService of one service per protocol, and its life.
 
-``Daemon.start()`` opens the backend, loads the catalogue and templates and
-binds every listener; its Deferred fails with ``StartupError`` (one line an
-operator can act on) if any of that is impossible.  ``Daemon.stop()`` stops
-accepting, lets requests in flight finish and releases everything.
+``start()`` opens the backend, loads and checks the catalogue and every
+template, binds every listener, drops privileges and tells systemd it is
+ready; its Deferred fails with ``StartupError`` (one line an operator can
+act on) if any of that is impossible.
+
+``reload()`` (SIGHUP) does the same with the configuration file as it is
+now, and swaps it in only if all of it works: a broken config or template
+is logged and the running one stays.  Listeners whose address did not
+change keep their sockets; requests and transfers in flight finish with the
+configuration they started with.
+
+``stop()`` (SIGTERM/SIGINT) stops accepting, lets requests and TFTP
+transfers in flight finish within ``[server] shutdown_timeout``, then
+releases everything.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -21,17 +31,21 @@ from twisted.python.threadpool import ThreadPool
 
 from zprovd import tls
 from zprovd.backends import BackendContext, BackendError, create_backend
-from zprovd.catalogue import load_catalogue
-from zprovd.config import Config, Listen
-from zprovd.provisioning import Provisioner
+from zprovd.catalogue import Catalogue, load_catalogue
+from zprovd.config import Config, ConfigError, Listen, load_config
+from zprovd.listeners import ListenError, SwappableTLS, TCPListeners, describe
+from zprovd.metrics import Metrics, metrics_site_root
+from zprovd.privileges import PrivilegeError, drop_privileges
+from zprovd.provisioning import ERROR_TEMPLATE, Provisioner, ZoiperDocuments
 from zprovd.renderer import Renderer, RenderError
-from zprovd.web import ProvisioningResource, Site
+from zprovd.sdnotify import Notifier
+from zprovd.web import InFlight, ProvisioningResource, Site
 
 log = Logger(namespace="zprovd.daemon")
 
 
 class StartupError(Exception):
-    """The daemon cannot start; the message is one line for the operator."""
+    """The daemon cannot start (or reload); the message is one line for the operator."""
 
 
 @dataclass(frozen=True)
@@ -45,32 +59,24 @@ class Bound:
         return f"{self.protocol}://{host}:{self.port}/"
 
 
-def _errno_text(exc: CannotListenError) -> str:
-    socket_error = exc.socketError
-    return getattr(socket_error, "strerror", None) or str(socket_error)
+def check_templates(catalogue: Catalogue, renderer: Renderer) -> list[str]:
+    """Compile every template the catalogue and the Zoiper documents use."""
+    names = {f.template for m in catalogue.models.values() for f in [*m.generic, *m.per_mac]}
+    try:
+        names |= set(ZoiperDocuments(renderer).templates()) | {ERROR_TEMPLATE}
+    except RenderError as exc:
+        return [str(exc)]
+    return [p for p in (renderer.check(n) for n in sorted(names)) if p]
 
 
-class ListeningService(Service):
-    """Owns a set of listening ports; stopping it stops listening."""
-
-    def __init__(self, name: str):
-        self.setName(name)
-        self.ports: list[Any] = []
-
-    def stopService(self):
-        super().stopService()
-        ports, self.ports = self.ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
-
-
-def build_components(config: Config, run_blocking) -> tuple[Any, Any, Renderer]:
+def build_components(config: Config, run_blocking) -> tuple[Any, Catalogue, Renderer]:
     """The backend (not yet opened), catalogue and renderer a config describes."""
     context = BackendContext(config.state_dir, config.path.resolve().parent, run_blocking, config.provisioning.server)
     try:
         backend = create_backend(config.backend.type, config.backend.options, context)
     except BackendError as exc:
         raise StartupError(f"{config.path}: [backend] {exc}") from None
-    renderer = Renderer(config.templates.dirs)
+    renderer = Renderer(config.templates.dirs, keep_last_good=True)
     catalogue = load_catalogue(renderer.dirs)
     if catalogue.problems:
         raise StartupError("model catalogue: " + "; ".join(catalogue.problems))
@@ -78,17 +84,198 @@ def build_components(config: Config, run_blocking) -> tuple[Any, Any, Renderer]:
 
 
 class Daemon(MultiService):
-    def __init__(self, config: Config, reactor):
+    def __init__(self, config: Config, reactor, notifier: Notifier | None = None):
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.notifier = notifier or Notifier()
         self.pool = ThreadPool(minthreads=1, maxthreads=8, name="zprovd-blocking")
+        self.metrics = Metrics()
+        self.inflight = InFlight()
         self.provisioner: Provisioner | None = None
-        self.backend = None
-        self.bound: list[Bound] = []
+        self.backend: Any = None
+        self.tls: SwappableTLS | None = None
+        self.tftp: Any = None
+        self.dhcp: Any = None
+        self._watchdog: task.LoopingCall | None = None
+        self.http = TCPListeners("http", self._bind_http)
+        self.https = TCPListeners("https", self._bind_https)
+        self.metrics_listeners = TCPListeners("metrics", self._bind_metrics)
+        for service in (self.metrics_listeners, self.http, self.https):
+            service.setServiceParent(self)
+        self._sites = {
+            protocol: Site(
+                ProvisioningResource(self.current_provisioner, protocol, reactor.seconds, self.inflight, self.metrics),
+                reactor,
+            )
+            for protocol in ("http", "https")
+        }
+        self._metrics_site = Site(metrics_site_root(self.metrics, self._health), reactor)
+        self.metrics.tftp_stats = self._tftp_stats
+        self.metrics.dhcp_stats = self._dhcp_stats
+
+    # -- helpers ---------------------------------------------------------------
 
     def run_blocking(self, function, *args, **kwargs):
         return deferToThreadPool(self.reactor, self.pool, function, *args, **kwargs)
+
+    def current_provisioner(self) -> Provisioner:
+        assert self.provisioner is not None
+        return self.provisioner
+
+    def _tftp_stats(self) -> dict[str, int] | None:
+        if self.tftp is None:
+            return None
+        return {"active": self.tftp.transfers_in_flight(), "retransmissions": self.tftp.retransmissions}
+
+    def _dhcp_stats(self) -> dict[str, int] | None:
+        return dict(self.dhcp.replies_by_type) if self.dhcp is not None else None
+
+    def _health(self):
+        return self.current_provisioner().backend.get_user("zprovd-health-check")
+
+    def _bind_http(self, listen: Listen):
+        return self.reactor.listenTCP(listen.port, self._sites["http"], interface=listen.host)
+
+    def _bind_https(self, listen: Listen):
+        return self.reactor.listenSSL(listen.port, self._sites["https"], self.tls, interface=listen.host)
+
+    def _bind_metrics(self, listen: Listen):
+        return self.reactor.listenTCP(listen.port, self._metrics_site, interface=listen.host)
+
+    @property
+    def bound(self) -> list[Bound]:
+        result = []
+        for name, service in (("http", self.http), ("https", self.https), ("metrics", self.metrics_listeners)):
+            result += [Bound(name, host, port) for host, port in service.bound()]
+        if self.tftp is not None:
+            result += [Bound("tftp", host, port) for host, port in self.tftp.listening_ports()]
+        return result
+
+    # -- building a configuration -------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _prepare(self, config: Config):
+        """Backend (reused when its settings did not change), catalogue, renderer,
+        provisioner and TLS options for ``config``; StartupError if any fails."""
+        reuse = self.backend is not None and config.backend == self.config.backend
+        if reuse:
+            backend = self.backend
+            _, catalogue, renderer = build_components(config, self.run_blocking)
+        else:
+            backend, catalogue, renderer = build_components(config, self.run_blocking)
+            try:
+                yield backend.open()
+            except BackendError as exc:
+                raise StartupError(f"backend {config.backend.type}: {exc}")
+        try:
+            try:
+                provisioner = Provisioner(
+                    config, catalogue, renderer, backend, self.run_blocking, self.reactor.seconds, self.metrics
+                )
+            except RenderError as exc:
+                raise StartupError(str(exc)) from None
+            problems = check_templates(catalogue, renderer)
+            if problems:
+                raise StartupError("; ".join(problems))
+            tls_options = self._tls_options(config) if config.https.listen else None
+        except StartupError:
+            if not reuse:
+                yield backend.close()
+            raise
+        return backend, provisioner, tls_options
+
+    def _tls_options(self, config: Config):
+        cfg = config.https
+        if cfg.certificate and cfg.private_key:
+            paths = tls.CertificatePaths(cfg.certificate, cfg.private_key)
+        else:
+            try:
+                paths = tls.ensure_self_signed(config.state_dir, config.provisioning.server)
+            except OSError as exc:
+                raise StartupError(f"cannot create a certificate in {config.state_dir}: {exc}") from None
+        try:
+            return tls.server_context(paths)
+        except tls.TLSError as exc:
+            raise StartupError(f"https: {exc}") from None
+
+    def _tftp_settings(self, config: Config) -> tuple:
+        t = config.tftp
+        return (tuple(t.listen), t.max_blksize, t.max_windowsize, t.retries, t.upload_dir, t.upload_max_bytes)
+
+    def _new_tftp(self, config: Config):
+        from zprovd.tftp.service import TFTPServer
+        from zprovd.tftpsource import ProvisioningSource
+
+        t = config.tftp
+        server = TFTPServer(
+            [(l.host, l.port) for l in t.listen],
+            ProvisioningSource(self.current_provisioner, self.metrics),
+            reactor=self.reactor,
+            max_blksize=t.max_blksize,
+            max_windowsize=t.max_windowsize,
+            retries=t.retries,
+            upload_dir=t.upload_dir,
+            upload_max_bytes=t.upload_max_bytes,
+            shutdown_timeout=config.server.shutdown_timeout,
+        )
+        try:
+            server.privilegedStartService()
+        except CannotListenError as exc:
+            raise StartupError(f"cannot listen for tftp on {exc.interface}:{exc.port}: {describe(exc)}") from None
+        server.setName("tftp")
+        return server
+
+    def _new_dhcp(self, config: Config):
+        from zprovd.dhcp.service import DHCPService
+
+        service = DHCPService(config.extra["dhcp"], config.state_dir, reactor=self.reactor)
+        service.setName("dhcp")
+        return service
+
+    @defer.inlineCallbacks
+    def _apply_listeners(self, config: Config, old: Config | None):
+        """Bind what changed; StartupError (and nothing changed) if a bind fails."""
+        new_tftp = None
+        if config.tftp.listen and (old is None or self._tftp_settings(config) != self._tftp_settings(old)):
+            new_tftp = self._new_tftp(config)  # bound before anything else changes
+        try:
+            for service, addresses in (
+                (self.http, config.http.listen),
+                (self.https, config.https.listen),
+                (self.metrics_listeners, config.metrics.listen),
+            ):
+                service.apply(addresses)
+        except ListenError as exc:
+            if new_tftp is not None:
+                yield new_tftp.stopService()
+            raise StartupError(str(exc)) from None
+        if new_tftp is not None or not config.tftp.listen:
+            if self.tftp is not None:
+                old_tftp, self.tftp = self.tftp, None
+                old_tftp.disownServiceParent()  # finishes its transfers in flight
+            if new_tftp is not None:
+                self.tftp = new_tftp
+                new_tftp.setServiceParent(self)
+        dhcp = config.extra.get("dhcp")
+        dhcp_changed = old is None or old.extra.get("dhcp") != dhcp
+        if dhcp_changed and self.dhcp is not None:
+            old_dhcp, self.dhcp = self.dhcp, None
+            yield old_dhcp.disownServiceParent()
+        if dhcp_changed and dhcp is not None and dhcp.enabled:
+            self.dhcp = self._new_dhcp(config)
+            try:
+                self.dhcp.setServiceParent(self)
+            except Exception as exc:
+                self.dhcp = None
+                raise StartupError(f"dhcp: {exc}") from None
+
+    def _status(self) -> str:
+        serving = ", ".join(f"{b.protocol} {b.host}:{b.port}" for b in self.bound if b.protocol != "metrics")
+        models = len(self.current_provisioner().catalogue.models)
+        return f"serving {serving or 'nothing'}; {models} models; backend {self.config.backend.type}"
+
+    # -- life ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def start(self):
@@ -99,112 +286,76 @@ class Daemon(MultiService):
             config.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"cannot create state_dir {config.state_dir}: {exc.strerror}")
-        backend, catalogue, renderer = build_components(config, self.run_blocking)
-        try:
-            yield backend.open()
-        except BackendError as exc:
-            raise StartupError(f"backend {config.backend.type}: {exc}")
-        self.backend = backend
-        try:
-            self.provisioner = Provisioner(config, catalogue, renderer, backend, self.run_blocking, self.reactor.seconds)
-        except RenderError as exc:
-            raise StartupError(str(exc))
-        self._listen_http()
-        self._listen_https()
-        self._listen_tftp()
-        self._start_dhcp()
+        backend, provisioner, tls_options = yield self._prepare(config)
+        self.backend, self.provisioner = backend, provisioner
+        self.tls = SwappableTLS(tls_options)
         self.startService()
-        for b in self.bound:
-            log.info("listening on {url}", url=b.url() if b.protocol != "tftp" else f"tftp://{b.host}:{b.port}/")
-
-    def current_provisioner(self) -> Provisioner:
-        assert self.provisioner is not None
-        return self.provisioner
-
-    def _bind(self, service: ListeningService, protocol: str, listen: Listen, listen_call) -> None:
-        try:
-            port = listen_call()
-        except CannotListenError as exc:
-            raise StartupError(f"cannot listen for {protocol} on {listen}: {_errno_text(exc)}") from None
-        service.ports.append(port)
-        address = port.getHost()
-        self.bound.append(Bound(protocol, address.host, address.port))
-
-    def _listen_http(self) -> None:
-        if not self.config.http.listen:
-            return
-        service = ListeningService("http")
-        site = Site(ProvisioningResource(self.current_provisioner, "http", self.reactor.seconds), self.reactor)
-        for listen in self.config.http.listen:
-            self._bind(service, "http", listen, lambda: self.reactor.listenTCP(listen.port, site, interface=listen.host))
-        service.setServiceParent(self)
-
-    def _listen_https(self) -> None:
-        cfg = self.config.https
-        if not cfg.listen:
-            return
-        if cfg.certificate and cfg.private_key:
-            paths = tls.CertificatePaths(cfg.certificate, cfg.private_key)
-        else:
+        yield self._apply_listeners(config, None)
+        if config.server.user and os.getuid() == 0:
             try:
-                paths = tls.ensure_self_signed(self.config.state_dir, self.config.provisioning.server)
-            except OSError as exc:
-                raise StartupError(f"cannot create a certificate in {self.config.state_dir}: {exc}") from None
+                drop_privileges(config.server.user, config.server.group, config.state_dir)
+            except PrivilegeError as exc:
+                raise StartupError(str(exc)) from None
+            log.info("running as user {user}", user=config.server.user)
+        for b in self.bound:
+            log.info("listening on {url}", url=b.url())
+        self.notifier.ready(self._status())
+        if self.notifier.watchdog_interval:
+            self._watchdog = task.LoopingCall(self.notifier.watchdog)
+            self._watchdog.clock = self.reactor
+            self._watchdog.start(self.notifier.watchdog_interval)
+
+    @defer.inlineCallbacks
+    def reload(self):
+        """Re-read the configuration file; swap it in only if all of it works."""
+        self.notifier.reloading()
+        old = self.config
         try:
-            context = tls.server_context(paths)
-        except tls.TLSError as exc:
-            raise StartupError(f"https: {exc}") from None
-        service = ListeningService("https")
-        site = Site(ProvisioningResource(self.current_provisioner, "https", self.reactor.seconds), self.reactor)
-        for listen in cfg.listen:
-            self._bind(
-                service, "https", listen,
-                lambda: self.reactor.listenSSL(listen.port, site, context, interface=listen.host),
-            )
-        service.setServiceParent(self)
-
-    def _listen_tftp(self) -> None:
-        cfg = self.config.tftp
-        if not cfg.listen:
-            return
-        from zprovd.tftp.service import TFTPServer
-        from zprovd.tftpsource import ProvisioningSource
-
-        server = TFTPServer(
-            [(l.host, l.port) for l in cfg.listen],
-            ProvisioningSource(self.current_provisioner),
-            reactor=self.reactor,
-            max_blksize=cfg.max_blksize,
-            max_windowsize=cfg.max_windowsize,
-            retries=cfg.retries,
-            upload_dir=cfg.upload_dir,
-            upload_max_bytes=cfg.upload_max_bytes,
-        )
-        try:
-            server.privilegedStartService()
-        except CannotListenError as exc:
-            raise StartupError(f"cannot listen for tftp on {exc.interface}:{exc.port}: {_errno_text(exc)}") from None
-        server.setName("tftp")
-        for host, port in server.listening_ports():
-            self.bound.append(Bound("tftp", host, port))
-        server.setServiceParent(self)
-
-    def _start_dhcp(self) -> None:
-        dhcp = self.config.extra.get("dhcp")
-        if dhcp is None or not getattr(dhcp, "enabled", False):
-            return
-        from zprovd.dhcp.service import DHCPService
-
-        service = DHCPService(dhcp, self.config.state_dir, reactor=self.reactor)
-        service.setName("dhcp")
-        service.setServiceParent(self)
+            config = load_config(old.path)
+            if config.state_dir != old.state_dir:
+                raise ConfigError([f"{old.path}: state_dir cannot change on reload; restart zprovd"])
+            backend, provisioner, tls_options = yield self._prepare(config)
+            yield self._apply_listeners(config, old)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused, keeping the running configuration: {problem}", problem=problem)
+            self.notifier.status(self._status())
+            return False
+        except StartupError as exc:
+            log.error("reload refused, keeping the running configuration: {problem}", problem=str(exc))
+            self.notifier.status(self._status())
+            return False
+        provisioner.limiter = self.current_provisioner().limiter  # lock-outs survive a reload
+        old_backend = self.backend
+        self.config, self.backend, self.provisioner = config, backend, provisioner
+        if tls_options is not None:
+            self.tls.options = tls_options
+        if old_backend is not backend:
+            # Requests in flight may still use it: close it once they are done.
+            drained = self.inflight.drained()
+            drained.addTimeout(config.server.shutdown_timeout, self.reactor, onTimeoutCancel=lambda *_: None)
+            drained.addBoth(lambda _: old_backend.close())
+        log.info("reloaded {path}", path=str(config.path))
+        self.notifier.status(self._status())
+        return True
 
     @defer.inlineCallbacks
     def stop(self):
         """Stop accepting, let work in flight finish, release everything."""
         if self.running:
+            self.notifier.stopping()
             log.info("stopping")
-            yield self.stopService()
+            if self._watchdog is not None and self._watchdog.running:
+                self._watchdog.stop()
+            for service in (self.http, self.https, self.metrics_listeners):
+                yield service.stopService()
+            drained = self.inflight.drained()
+            drained.addTimeout(self.config.server.shutdown_timeout, self.reactor)
+            try:
+                yield drained
+            except defer.TimeoutError:
+                log.warn("{count} HTTP requests still in flight at shutdown", count=self.inflight.count)
+            yield self.stopService()  # TFTP lets its transfers finish, within the same bound
         if self.backend is not None:
             try:
                 yield self.backend.close()

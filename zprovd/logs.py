@@ -18,7 +18,9 @@ from twisted.logger import (
 
 def _text_observer(stream: IO[str]):
     def observe(event: dict) -> None:
-        text = formatEvent(event)
+        # One event, one line: a line break in a logged value (a TFTP file
+        # name, a login) must not forge a line that fail2ban would read.
+        text = formatEvent(event).replace("\r", "\\r").replace("\n", "\\n")
         failure = event.get("log_failure")
         if failure is not None:
             text += "\n" + failure.getTraceback()

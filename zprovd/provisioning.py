@@ -24,6 +24,7 @@ from zprovd.catalogue import Catalogue, Model
 from zprovd.config import Config
 from zprovd.context import RequestInfo, device_context, generic_context, zoiper_context
 from zprovd.firmware import FirmwareFolder
+from zprovd.metrics import Metrics
 from zprovd.renderer import Renderer, RenderError
 from zprovd.routing import (
     BadRequest,
@@ -116,6 +117,7 @@ class Provisioner:
         backend: Backend,
         run_blocking: Callable[..., Deferred],
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ):
         self.config = config
         self.catalogue = catalogue
@@ -123,6 +125,7 @@ class Provisioner:
         self.backend = backend
         self.run_blocking = run_blocking
         self.clock = clock
+        self.metrics = metrics
         fw_dir = config.tftp.firmware_dir
         self.firmware = FirmwareFolder(fw_dir) if fw_dir else None
         self.router = Router(catalogue, config.zoiper, self.firmware.lookup if self.firmware else None)
@@ -165,9 +168,16 @@ class Provisioner:
         ctx = generic_context(self.config.provisioning, route.model, route.name, info)
         return self._render(route.file.template, ctx, who=route.model.id, reason=f"generic {route.model.id}")
 
+    def _timed_render(self, kind: str, template: str, ctx: dict[str, Any]) -> bytes:
+        started = time.perf_counter()
+        body = self.renderer.render(template, ctx)
+        if self.metrics is not None:
+            self.metrics.render_seconds.labels(kind).observe(time.perf_counter() - started)
+        return body
+
     def _render(self, template: str, ctx: dict[str, Any], who: str, reason: str) -> Response:
         try:
-            body = self.renderer.render(template, ctx)
+            body = self._timed_render("desk", template, ctx)
         except RenderError as exc:
             log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
             return _text(500, "Internal error", who=who, reason="template error")
@@ -178,7 +188,7 @@ class Provisioner:
     def _per_mac(self, route: PerMacRoute, request: Request, info: RequestInfo):
         mac = route.mac
         try:
-            device = yield self.backend.get_device(mac)
+            device = yield self._lookup("get_device", mac)
         except Exception as exc:
             log.error("backend failed looking up {mac}: {error}", mac=mac, error=exc)
             returnValue(_text(503, "Service unavailable", who=mac, reason="backend unavailable"))
@@ -222,10 +232,16 @@ class Provisioner:
     def _users_of(self, device: Device):
         users = []
         for login in device.users:
-            user = yield self.backend.get_user(login)
+            user = yield self._lookup("get_user", login)
             if user is not None:
                 users.append(user)
         returnValue(users)
+
+    def _lookup(self, operation: str, key: str) -> Deferred:
+        d = getattr(self.backend, operation)(key)
+        if self.metrics is not None:
+            d = self.metrics.timed_lookup(d, operation, time.perf_counter(), time.perf_counter)
+        return d
 
     def _background(self, d: Deferred, what: str) -> None:
         d.addErrback(lambda f: log.warn("{what} failed: {error}", what=what, error=f.getErrorMessage()))
@@ -257,7 +273,7 @@ class Provisioner:
             response.headers["Retry-After"] = str(int(blocked) + 1)
             returnValue(response)
         try:
-            user = yield self.backend.get_user(login)
+            user = yield self._lookup("get_user", login)
         except Exception as exc:
             log.error("backend failed looking up {login}: {error}", login=login, error=exc)
             returnValue(self.zoiper_error(503, z.unavailable_text, login, "backend unavailable"))
@@ -279,7 +295,7 @@ class Provisioner:
         template = self.zoiper_documents.template_for(version)
         ctx = zoiper_context(self.config.provisioning, user, version or "", info)
         try:
-            body = self.renderer.render(template, ctx)
+            body = self._timed_render("zoiper", template, ctx)
         except RenderError as exc:
             log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
             return self.zoiper_error(500, "Provisioning failed: server configuration error.", user.login, "template error")

@@ -21,8 +21,13 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from twisted.logger import Logger
+
 from zprovd.catalogue import bundled_templates_dir
 from zprovd.mac import format_mac
+
+
+log = Logger(namespace="zprovd.renderer")
 
 
 class TemplateFailure(Exception):
@@ -84,7 +89,17 @@ class _OverridableLoader(jinja2.FileSystemLoader):
 
 
 class Renderer:
-    def __init__(self, operator_dirs: list[Path], bundled_dir: Path | None = None):
+    """Renders templates by name.
+
+    With ``keep_last_good`` (the daemon), a template whose file is edited into
+    a syntax error keeps being served in its last version that compiled, and
+    the error is logged once; the CLI (``check``, ``render``) reports it.
+    """
+
+    def __init__(self, operator_dirs: list[Path], bundled_dir: Path | None = None, keep_last_good: bool = False):
+        self.keep_last_good = keep_last_good
+        self._last_good: dict[str, jinja2.Template] = {}
+        self._reported: set[tuple[str, str, int | None]] = set()
         self.dirs = [Path(d) for d in operator_dirs] + [bundled_dir or bundled_templates_dir()]
         self.env = SandboxedEnvironment(
             loader=_OverridableLoader([str(d) for d in self.dirs]),
@@ -99,9 +114,28 @@ class Renderer:
         self.env.filters["quoted"] = _quoted
         self.env.globals["fail"] = _fail
 
-    def render(self, template: str, context: dict[str, Any]) -> bytes:
+    def _compiled(self, template: str) -> jinja2.Template:
         try:
             compiled = self.env.get_template(template)
+        except jinja2.TemplateSyntaxError as exc:
+            previous = self._last_good.get(template) if self.keep_last_good else None
+            if previous is None:
+                raise
+            key = (template, str(exc.filename), exc.lineno)
+            if key not in self._reported:
+                self._reported.add(key)
+                log.error(
+                    "template {template}: syntax error line {line} of {file}: {message}; still serving its previous version",
+                    template=template, line=exc.lineno, file=exc.filename, message=exc.message,
+                )
+            return previous
+        if self.keep_last_good:
+            self._last_good[template] = compiled
+        return compiled
+
+    def render(self, template: str, context: dict[str, Any]) -> bytes:
+        try:
+            compiled = self._compiled(template)
             return compiled.render(context).encode("utf-8")
         except jinja2.TemplateNotFound:
             raise RenderError(template, "not found in " + ", ".join(map(str, self.dirs))) from None

@@ -8,10 +8,12 @@ folder, NUL, ...) "access violation", anything else an error.
 from __future__ import annotations
 
 from typing import Callable
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from zprovd.metrics import Metrics
 from zprovd.provisioning import Provisioner, Response
 from zprovd.routing import Request
 from zprovd.tftp.source import AccessDenied, BytesReader, FileReader
@@ -20,8 +22,9 @@ access_log = Logger(namespace="zprovd.access")
 
 
 class ProvisioningSource:
-    def __init__(self, provisioner: Callable[[], Provisioner]):
+    def __init__(self, provisioner: Callable[[], Provisioner], metrics: Metrics | None = None):
         self.provisioner = provisioner
+        self.metrics = metrics
 
     def __call__(self, name: str, client: tuple[str, int]) -> Deferred:
         request = Request(protocol="tftp", path=name, client=client[0])
@@ -32,8 +35,10 @@ class ProvisioningSource:
     def _reader(self, response: Response, name: str, client: str):
         access_log.info(
             'tftp {client} "RRQ {name}" {status} - - who={who} "{reason}"',
-            client=client, name=name, status=response.status, who=response.who, reason=response.reason or "-",
+            client=client, name=quote(name, safe="/@.:-_+"), status=response.status, who=quote(response.who, safe="@.:-_+"), reason=response.reason or "-",
         )
+        if self.metrics is not None:
+            self.metrics.answered("tftp", response.status, len(response.body))
         if response.status == 200:
             return FileReader(response.file) if response.file is not None else BytesReader(response.body)
         if response.status == 404:

@@ -12,10 +12,12 @@ import re
 from typing import Callable
 from urllib.parse import parse_qsl, quote
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web import server, static
 from twisted.web.resource import Resource
 
+from zprovd.metrics import Metrics
 from zprovd.provisioning import Provisioner, Response
 from zprovd.routing import Request
 
@@ -43,17 +45,52 @@ def _decode(value: bytes) -> str:
     return value.decode("utf-8", errors="replace")
 
 
+class InFlight:
+    """Counts requests being answered, so a shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiting: list[Deferred] = []
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def drained(self) -> Deferred:
+        if self.count == 0:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+
 class ProvisioningResource(Resource):
     isLeaf = True
 
-    def __init__(self, provisioner: Callable[[], Provisioner], protocol: str, seconds: Callable[[], float]):
+    def __init__(
+        self,
+        provisioner: Callable[[], Provisioner],
+        protocol: str,
+        seconds: Callable[[], float],
+        inflight: InFlight | None = None,
+        metrics: Metrics | None = None,
+    ):
         super().__init__()
         self.provisioner = provisioner  # a callable, so a reload can swap it
         self.protocol = protocol
         self.seconds = seconds
+        self.inflight = inflight or InFlight()
+        self.metrics = metrics
 
     def render_GET(self, request: server.Request):
         started = self.seconds()
+        self.inflight.enter()
         provisioner = self.provisioner()
         query = {_decode(k): [_decode(v) for v in vs] for k, vs in (request.args or {}).items()}
         req = Request(
@@ -69,6 +106,9 @@ class ProvisioningResource(Resource):
         response_holder: list[Response] = []
 
         def finished(_):
+            self.inflight.leave()
+            if self.metrics is not None:
+                self.metrics.answered(self.protocol, request.code, request.sentLength)
             response = response_holder[0] if response_holder else None
             access_log.info(
                 "{protocol} {client} \"{method} {uri}\" {status} {size} {ms:.1f}ms who={who} {reason}",
@@ -79,7 +119,7 @@ class ProvisioningResource(Resource):
                 status=request.code,
                 size=request.sentLength,
                 ms=(self.seconds() - started) * 1000,
-                who=response.who if response else "-",
+                who=quote(response.who, safe="@.:-_+") if response else "-",
                 reason=f'"{response.reason}"' if response and response.reason else '"-"',
             )
 

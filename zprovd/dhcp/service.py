@@ -210,6 +210,8 @@ class DHCPService(Service):
         self.responder: Responder | None = None
         self.port: Any = None
         self.stats: Counter[str] = Counter()
+        self.replies_by_type: Counter[str] = Counter()
+        """Replies sent, by message type name (OFFER, ACK, NAK): for /metrics."""
         """received, malformed, replies, ignored, send_errors, save_errors."""
         self._expiry: LoopingCall | None = None
 
@@ -353,6 +355,7 @@ class DHCPService(Service):
                      address=str(reply.address), port=reply.port, error=str(exc))
             return
         self.stats["replies"] += 1
+        self.replies_by_type[reply.message.type_name] += 1
         log.info("DHCP: {line}", line=reply.log)
 
     def _expire(self) -> None:
