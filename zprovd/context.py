@@ -69,10 +69,15 @@ def _base(prov: ProvisioningConfig, merged_vars: dict[str, Any], request: Reques
     }
 
 
-def account_lines(users: list[User], merged_vars: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every SIP account of the users, in order, numbered from 1."""
+def account_lines(users: list[User], base_vars: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every SIP account of the users, in order, numbered from 1.
+
+    A line's ``sip_port``/``sip_transport`` come from its own user's vars,
+    then ``base_vars`` (global, model and device): never from another user.
+    """
     lines = []
     for user in users:
+        line_vars = _merge(base_vars, user.vars)
         for account in user.accounts:
             display = account.display_name or user.display_name or account.sip_user
             lines.append(
@@ -85,8 +90,8 @@ def account_lines(users: list[User], merged_vars: dict[str, Any]) -> list[dict[s
                     "sip_auth_user": account.auth_user,
                     "sip_password": account.sip_password,
                     "sip_domain": account.sip_domain,
-                    "sip_port": int(_merge(merged_vars, user.vars).get("sip_port", 5060)),
-                    "sip_transport": str(_merge(merged_vars, user.vars).get("sip_transport", "udp")),
+                    "sip_port": int(line_vars.get("sip_port", 5060)),
+                    "sip_transport": str(line_vars.get("sip_transport", "udp")),
                 }
             )
     return lines
@@ -109,7 +114,7 @@ def device_context(
         file=file,
         mac=device.mac,
         device={"mac": device.mac, "model": device.model, "vars": dict(device.vars)},
-        lines=account_lines(users, merged),
+        lines=account_lines(users, _merge(prov.vars, model.vars, device.vars)),
     )
     return ctx
 
@@ -119,7 +124,7 @@ def zoiper_context(prov: ProvisioningConfig, user: User, version: str, request: 
     ctx = _base(prov, merged, request)
     ctx.update(
         user={"login": user.login, "display_name": user.display_name or user.login},
-        accounts=account_lines([user], merged),
+        accounts=account_lines([user], prov.vars),
         version=version,
         # Stable per user and server, changes when the login does: Zoiper uses
         # it to tell provisioned configurations apart.

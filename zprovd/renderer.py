@@ -15,6 +15,7 @@ override appears in an operator folder, or when an override is removed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,19 @@ def _autoescape(name: str | None) -> bool:
     if not name:
         return False
     return any(part in ("xml", "htm", "html", "rng") for part in Path(name).name.lower().split(".")[1:])
+
+
+# Characters no configuration format can carry (XML 1.0 forbids them; in a
+# key/value file they corrupt the line).  Tab, LF and CR are handled by the
+# formats themselves (``kv`` refuses line breaks).
+_UNCARRIABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+
+
+def _finalize(value: Any) -> Any:
+    """Applied to every ``{{ value }}``: refuse characters no phone can parse."""
+    if isinstance(value, str) and _UNCARRIABLE.search(value):
+        raise ValueError(f"a value contains a control character no configuration file can carry: {value!r}")
+    return value
 
 
 def _kv(value: Any) -> str:
@@ -108,6 +122,7 @@ class Renderer:
             auto_reload=True,
             keep_trailing_newline=True,
             cache_size=1000,
+            finalize=_finalize,
         )
         self.env.filters["mac"] = format_mac
         self.env.filters["kv"] = _kv

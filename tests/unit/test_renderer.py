@@ -1,0 +1,87 @@
+"""The shared renderer and the template context."""
+
+from pathlib import Path
+
+import pytest
+
+from zprovd.backends import Device, SipAccount, User
+from zprovd.catalogue import bundled_templates_dir, load_catalogue
+from zprovd.config import ProvisioningConfig
+from zprovd.context import RequestInfo, device_context
+from zprovd.renderer import Renderer, RenderError
+
+PROV = ProvisioningConfig("192.0.2.10", "http://192.0.2.10/", "en", {"sip_port": 5060})
+
+
+def write(folder: Path, name: str, text: str) -> None:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("template", ["t/a.xml.j2", "t/a.cfg.j2"])
+@pytest.mark.parametrize("bad", ["a\x0bb", "nul\x00", "esc\x1b[0m", "\x7f"])
+def test_values_no_configuration_file_can_carry_are_refused(tmp_path, template, bad):
+    write(tmp_path, template, "<x>{{ value }}</x>\n")
+    with pytest.raises(RenderError, match="control character"):
+        Renderer([tmp_path]).render(template, {"value": bad})
+
+
+def test_tabs_and_non_ascii_are_fine(tmp_path):
+    write(tmp_path, "t/a.xml.j2", "<x>{{ value }}</x>")
+    assert Renderer([tmp_path]).render("t/a.xml.j2", {"value": "Zoë\tÅ"}) == "<x>Zoë\tÅ</x>".encode()
+
+
+def test_xml_templates_are_escaped_and_others_not(tmp_path):
+    write(tmp_path, "t/a.xml.j2", "{{ v }}")
+    write(tmp_path, "t/a.cfg.j2", "{{ v }}")
+    r = Renderer([tmp_path])
+    assert r.render("t/a.xml.j2", {"v": "<&>"}) == b"&lt;&amp;&gt;"
+    assert r.render("t/a.cfg.j2", {"v": "<&>"}) == b"<&>"
+
+
+def test_kv_filter_refuses_line_breaks(tmp_path):
+    write(tmp_path, "t/a.cfg.j2", "k = {{ v|kv }}")
+    with pytest.raises(RenderError, match="line break"):
+        Renderer([tmp_path]).render("t/a.cfg.j2", {"v": "x\nother.key = 1"})
+
+
+def test_missing_variable_is_an_error_not_an_empty_string(tmp_path):
+    write(tmp_path, "t/a.cfg.j2", "k = {{ nothing }}")
+    with pytest.raises(RenderError, match="undefined variable"):
+        Renderer([tmp_path]).render("t/a.cfg.j2", {})
+
+
+def test_sandbox_refuses_unsafe_attribute_access(tmp_path):
+    write(tmp_path, "t/a.cfg.j2", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(RenderError, match="sandbox|undefined"):
+        Renderer([tmp_path]).render("t/a.cfg.j2", {})
+
+
+def test_fail_stops_a_render_with_its_message(tmp_path):
+    write(tmp_path, "t/a.cfg.j2", "{{ fail('vars.x must be a number') }}")
+    with pytest.raises(RenderError, match="vars.x must be a number"):
+        Renderer([tmp_path]).render("t/a.cfg.j2", {})
+
+
+def test_keep_last_good_serves_the_previous_version_of_a_broken_template(tmp_path):
+    write(tmp_path, "t/a.cfg.j2", "version A")
+    renderer = Renderer([tmp_path], keep_last_good=True)
+    assert renderer.render("t/a.cfg.j2", {}) == b"version A"
+    import os, time
+
+    path = tmp_path / "t" / "a.cfg.j2"
+    path.write_text("{% if %}")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert renderer.render("t/a.cfg.j2", {}) == b"version A"
+    with pytest.raises(RenderError, match="syntax error"):
+        Renderer([tmp_path]).render("t/a.cfg.j2", {})
+
+
+def test_each_line_takes_its_own_users_port_and_transport():
+    model = load_catalogue([bundled_templates_dir()]).get("yealink-t48g")
+    tls_user = User("a", "x", "A", [SipAccount("100", "pw", "d")], {"sip_transport": "tls", "sip_port": 5061})
+    plain_user = User("b", "x", "B", [SipAccount("200", "pw", "d")], {})
+    device = Device("001565aabbcc", "yealink-t48g", ["a", "b"], {"sip_transport": "tcp"})
+    lines = device_context(PROV, model, device, [tls_user, plain_user], "x", RequestInfo())["lines"]
+    assert [(l["sip_user"], l["sip_transport"], l["sip_port"]) for l in lines] == [("100", "tls", 5061), ("200", "tcp", 5060)]
