@@ -1,0 +1,574 @@
+"""Unit tests for the Twisted layer of the TFTP server (zprovd.tftp.service).
+
+Most tests use a fake reactor: ``twisted.internet.task.Clock`` plus an
+in-memory ``listenUDP``, so time and the network are fully controlled.  A few
+use real loopback sockets through pytest-twisted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
+
+from zprovd.tftp.packets import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest, decode
+from zprovd.tftp.service import TFTPServer, UploadWriter, upload_name
+from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileReader, safe_relative_name
+
+CLIENT = ("127.0.0.1", 50000)
+OTHER = ("127.0.0.1", 50001)
+
+
+# -- fake network -------------------------------------------------------------------
+
+
+class FakePort:
+    def __init__(self, net: FakeReactor, proto: DatagramProtocol, host: str, port: int, max_packet: int):
+        self.net = net
+        self.protocol = proto
+        self.host = host
+        self.port = port
+        self.max_packet = max_packet
+        self.closed = False
+
+    def write(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        assert not self.closed, "write on a closed port"
+        self.net.wire.append((self.port, addr, datagram))
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self.host, self.port)
+
+    def stopListening(self) -> defer.Deferred[None]:
+        assert not self.closed
+        self.closed = True
+        del self.net.ports[self.port]
+        self.protocol.doStop()
+        return defer.succeed(None)
+
+
+class FakeReactor(Clock):
+    """A Clock with an in-memory listenUDP: datagrams land in ``wire``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: dict[int, FakePort] = {}
+        self.wire: list[tuple[int, tuple[str, int], bytes]] = []  # (from port, to addr, datagram)
+        self._next = 40000
+
+    def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
+        if port == 0:
+            self._next += 1
+            port = self._next
+        assert port not in self.ports
+        p = FakePort(self, proto, interface, port, maxPacketSize)
+        self.ports[port] = p
+        proto.makeConnection(p)  # type: ignore[arg-type]
+        return p
+
+    def deliver(self, port: int, datagram: bytes, sender: tuple[str, int] = CLIENT) -> None:
+        self.ports[port].protocol.datagramReceived(datagram, sender)
+
+    def take(self) -> list[tuple[int, tuple[str, int], Any]]:
+        out = [(src, dst, decode(d)) for src, dst, d in self.wire]
+        self.wire.clear()
+        return out
+
+
+class TrackingSource:
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.readers: list[BytesReader] = []
+        self.calls: list[tuple[str, tuple[str, int]]] = []
+
+    def __call__(self, name: str, client: tuple[str, int]) -> defer.Deferred[Any]:
+        self.calls.append((name, client))
+        if name == "denied":
+            return defer.fail(AccessDenied("no"))
+        if name == "boom":
+            return defer.fail(RuntimeError("renderer exploded"))
+        if name not in self.files:
+            return defer.succeed(None)
+        reader = BytesReader(self.files[name])
+        self.readers.append(reader)
+        return defer.succeed(reader)
+
+
+@pytest.fixture
+def events() -> list[dict[str, Any]]:
+    return []
+
+
+def make_server(source: Any, events: list[dict[str, Any]], **kw: Any) -> tuple[TFTPServer, FakeReactor, int]:
+    reactor = FakeReactor()
+    server = TFTPServer([("127.0.0.1", 69)], source, reactor=reactor, log=Logger(observer=events.append), **kw)
+    server.startService()
+    assert server.listening_ports() == [("127.0.0.1", 69)]
+    return server, reactor, 69
+
+
+def no_errors_logged(events: list[dict[str, Any]]) -> bool:
+    return not any(e["log_level"] in (LogLevel.error, LogLevel.critical) for e in events)
+
+
+# -- read transfers ---------------------------------------------------------------------
+
+
+def test_read_transfer_from_its_own_port(events: list[dict[str, Any]]) -> None:
+    source = TrackingSource({"a.cfg": b"x" * 700})
+    server, net, lp = make_server(source, events)
+    net.deliver(lp, ReadRequest("a.cfg").encode())
+    ((src, dst, pkt),) = net.take()
+    assert src != lp and dst == CLIENT and pkt == Data(1, b"x" * 512)
+    assert source.calls == [("a.cfg", CLIENT)]
+    net.deliver(src, Ack(1).encode())
+    assert net.take() == [(src, CLIENT, Data(2, b"x" * 188))]
+    net.deliver(src, Ack(2).encode())
+    assert net.take() == []
+    assert src not in net.ports and server.transfers_in_flight() == 0
+    assert source.readers[0].closed
+    assert net.getDelayedCalls() == []
+    assert no_errors_logged(events)
+    assert server.retransmissions == 0
+
+
+def test_wrong_tid_gets_error_5_and_does_not_disturb(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({"f": b"y" * 1500}), events)
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, _),) = net.take()
+    net.deliver(tp, Ack(1).encode(), sender=OTHER)
+    net.deliver(tp, Ack(1).encode(), sender=("127.0.0.2", CLIENT[1]))
+    assert net.take() == [
+        (tp, OTHER, Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")),
+        (tp, ("127.0.0.2", CLIENT[1]), Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")),
+    ]
+    net.deliver(tp, Error(5, "x").encode(), sender=OTHER)  # never answer an ERROR
+    assert net.take() == []
+    net.deliver(tp, Ack(1).encode())
+    assert net.take() == [(tp, CLIENT, Data(2, b"y" * 512))]
+    assert server.transfers_in_flight() == 1
+
+
+def test_timeouts_free_the_session(events: list[dict[str, Any]]) -> None:
+    source = TrackingSource({"f": b"z" * 5000})
+    server, net, lp = make_server(source, events, retries=3)
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, first),) = net.take()
+    sends = 1
+    for _ in range(50):
+        if not net.getDelayedCalls():
+            break
+        net.advance(net.getDelayedCalls()[0].getTime() - net.seconds())
+        sends += len(net.take())
+    assert sends == 4  # the original and 3 retransmissions
+    assert server.retransmissions == 3
+    assert tp not in net.ports and server.transfers_in_flight() == 0
+    assert source.readers[0].closed
+    assert net.getDelayedCalls() == []
+    assert net.seconds() < 20  # 1 + 2 + 4 + 5 (capped back-off) seconds
+    assert any("timed out" in str(e.get("error")) for e in events)
+
+
+def test_oack_and_options(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({"f": bytes(3000)}), events, max_blksize=1024)
+    net.deliver(lp, ReadRequest("f", "octet", {"blksize": "1468", "tsize": "0", "x": "y"}).encode())
+    ((tp, _, pkt),) = net.take()
+    assert pkt == OptionAck({"blksize": "1024", "tsize": "3000"})
+    net.deliver(tp, Ack(0).encode())
+    assert net.take() == [(tp, CLIENT, Data(1, bytes(1024)))]
+    net.deliver(tp, Error(ErrorCode.NOT_DEFINED, "changed my mind").encode())
+    assert server.transfers_in_flight() == 0 and tp not in net.ports
+
+
+def test_duplicate_request_is_served_once(events: list[dict[str, Any]]) -> None:
+    source = TrackingSource({"f": bytes(3000)})
+    server, net, lp = make_server(source, events)
+    request = ReadRequest("f").encode()
+    net.deliver(lp, request)
+    net.deliver(lp, request)
+    assert len(net.take()) == 1 and server.transfers_in_flight() == 1 and len(source.calls) == 1
+    net.deliver(lp, request, sender=OTHER)  # another client: a second transfer
+    assert server.transfers_in_flight() == 2
+
+
+@pytest.mark.parametrize(
+    "name,code,message",
+    [
+        ("missing", ErrorCode.FILE_NOT_FOUND, "file not found"),
+        ("denied", ErrorCode.ACCESS_VIOLATION, "access violation"),
+        ("boom", ErrorCode.NOT_DEFINED, "internal error"),
+    ],
+)
+def test_source_answers(events: list[dict[str, Any]], name: str, code: int, message: str) -> None:
+    server, net, lp = make_server(TrackingSource({}), events)
+    net.deliver(lp, ReadRequest(name).encode())
+    assert net.take() == [(lp, CLIENT, Error(code, message))]
+    assert server.transfers_in_flight() == 0 and list(net.ports) == [lp]
+    failures = [e for e in events if "log_failure" in e]
+    if name == "boom":
+        assert len(failures) == 1  # logged once, with the failure
+        assert "renderer exploded" not in repr(net.wire)
+    else:
+        assert failures == []
+
+
+@pytest.mark.parametrize(
+    "datagram,answer",
+    [
+        (b"\x00\x01f\x00octet\x00blksize\x00abc\x00", Error(ErrorCode.OPTION_REFUSED, "bad option")),
+        (b"\x00\x01f\x00octet\x00blksize\x00" + b"9" * 31 + b"\x00", Error(ErrorCode.OPTION_REFUSED, "bad option")),
+        (b"\x00\x01f\x00octet", Error(ErrorCode.ILLEGAL_OPERATION, "illegal operation")),
+        (b"\x00\x01f", Error(ErrorCode.ILLEGAL_OPERATION, "illegal operation")),
+        (b"\x00\x09", Error(ErrorCode.ILLEGAL_OPERATION, "illegal operation")),
+        (b"\x00\x01f\x00mail\x00", Error(ErrorCode.ILLEGAL_OPERATION, "unsupported mode")),
+        (Ack(3).encode(), Error(ErrorCode.ILLEGAL_OPERATION, "illegal operation")),
+        (b"\x00\x05\x00\x01oops", None),  # an ERROR: silence
+        (b"\x00\x05", None),
+        (b"\x07", None),
+        (b"", None),
+    ],
+)
+def test_malformed_requests(events: list[dict[str, Any]], datagram: bytes, answer: Error | None) -> None:
+    server, net, lp = make_server(TrackingSource({"f": b"1"}), events)
+    net.deliver(lp, datagram)
+    assert net.take() == ([] if answer is None else [(lp, CLIENT, answer)])
+    assert server.transfers_in_flight() == 0
+    assert no_errors_logged(events)
+    assert all(e["log_level"] == LogLevel.debug for e in events if "malformed" in str(e.get("log_format")))
+
+
+# -- uploads --------------------------------------------------------------------------
+
+
+def test_wrq_refused_without_upload_dir(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({}), events)
+    net.deliver(lp, WriteRequest("0004f2aabbcc-boot.log").encode())
+    assert net.take() == [(lp, CLIENT, Error(ErrorCode.ACCESS_VIOLATION, "access violation"))]
+    assert server.transfers_in_flight() == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["evil.cfg", "../0004f2aabbcc-boot.log", "sub/0004f2aabbcc-app.log", "0004f2aabbcc-boot.log.sh", "0004f2aabbc-app.log"]
+)
+def test_wrq_bad_names_refused(events: list[dict[str, Any]], tmp_path: Path, name: str) -> None:
+    server, net, lp = make_server(TrackingSource({}), events, upload_dir=tmp_path)
+    net.deliver(lp, WriteRequest(name).encode())
+    assert net.take() == [(lp, CLIENT, Error(ErrorCode.ACCESS_VIOLATION, "access violation"))]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrq_upload_lands_atomically(events: list[dict[str, Any]], tmp_path: Path) -> None:
+    server, net, lp = make_server(TrackingSource({}), events, upload_dir=tmp_path)
+    net.deliver(lp, WriteRequest("/0004F2AABBCC-app.log", "octet", {"tsize": "600"}).encode())
+    ((tp, _, pkt),) = net.take()
+    assert pkt == OptionAck({"tsize": "600"})
+    net.deliver(tp, Data(1, b"l" * 512).encode())
+    assert net.take() == [(tp, CLIENT, Ack(1))]
+    assert not (tmp_path / "0004f2aabbcc-app.log").exists()  # only the temporary file so far
+    net.deliver(tp, Data(2, b"m" * 88).encode())
+    assert net.take() == [(tp, CLIENT, Ack(2))]
+    assert (tmp_path / "0004f2aabbcc-app.log").read_bytes() == b"l" * 512 + b"m" * 88
+    assert [p.name for p in tmp_path.iterdir()] == ["0004f2aabbcc-app.log"]
+    net.advance(10)  # dally ends
+    assert server.transfers_in_flight() == 0 and net.getDelayedCalls() == []
+
+
+def test_wrq_over_limit_removes_partial_file(events: list[dict[str, Any]], tmp_path: Path) -> None:
+    server, net, lp = make_server(TrackingSource({}), events, upload_dir=tmp_path, upload_max_bytes=1000)
+    net.deliver(lp, WriteRequest("0004f2aabbcc-boot.log").encode())
+    ((tp, _, _),) = net.take()
+    net.deliver(tp, Data(1, bytes(512)).encode())
+    net.deliver(tp, Data(2, bytes(512)).encode())
+    assert net.take()[-1] == (tp, CLIENT, Error(ErrorCode.DISK_FULL, "file too large"))
+    assert list(tmp_path.iterdir()) == []
+    assert server.transfers_in_flight() == 0
+
+
+def test_upload_name_and_writer(tmp_path: Path) -> None:
+    assert upload_name("0004F2AABBCC-boot.log") == "0004f2aabbcc-boot.log"
+    assert upload_name("\\0004f2aabbcc-app.log") == "0004f2aabbcc-app.log"
+    for bad in ["", "x-boot.log", "0004f2aabbcc-other.log", "a/0004f2aabbcc-app.log", "0004f2aabbcc-app.log\x01"]:
+        assert upload_name(bad) is None
+    with pytest.raises(ValueError):
+        UploadWriter(tmp_path, "../x")
+    # A symlink at the final name is replaced, not followed.
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    up = tmp_path / "up"
+    up.mkdir()
+    (up / "0004f2aabbcc-app.log").symlink_to(outside)
+    w = UploadWriter(up, "0004f2aabbcc-app.log")
+    w.write(b"new")
+    w.commit()
+    assert outside.read_bytes() == b"keep"
+    assert not (up / "0004f2aabbcc-app.log").is_symlink()
+    assert (up / "0004f2aabbcc-app.log").read_bytes() == b"new"
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+def test_stop_waits_for_transfers_then_frees(events: list[dict[str, Any]]) -> None:
+    source = TrackingSource({"f": bytes(700)})
+    server, net, lp = make_server(source, events)
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, _),) = net.take()
+    d = server.stopService()
+    fired: list[Any] = []
+    d.addCallback(fired.append)
+    assert not fired and lp not in net.ports and tp in net.ports
+    net.deliver(tp, Ack(1).encode())
+    net.deliver(tp, Ack(2).encode())
+    assert fired == [None] and net.ports == {} and net.getDelayedCalls() == []
+
+
+def test_stop_is_bounded(events: list[dict[str, Any]]) -> None:
+    source = TrackingSource({"f": bytes(70000)})
+    server, net, lp = make_server(source, events, retries=1000, shutdown_timeout=30)
+    net.deliver(lp, ReadRequest("f", "octet", {"timeout": "1"}).encode())
+    ((tp, _, _),) = net.take()
+    d = server.stopService()
+    fired: list[Any] = []
+    d.addCallback(fired.append)
+    net.pump([1.0] * 29)
+    assert not fired
+    net.advance(1.0)
+    assert fired == [None] and net.ports == {} and source.readers[0].closed
+    assert net.take()[-1] == (tp, CLIENT, Error(0, "transfer aborted"))
+    assert net.getDelayedCalls() == []
+
+
+def test_stop_cancels_pending_lookups(events: list[dict[str, Any]]) -> None:
+    lookups: list[defer.Deferred[Any]] = []
+
+    def slow_source(name: str, client: tuple[str, int]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        lookups.append(d)
+        return d
+
+    server, net, lp = make_server(slow_source, events)
+    net.deliver(lp, ReadRequest("f").encode())
+    fired: list[Any] = []
+    server.stopService().addCallback(fired.append)
+    assert fired == [None]
+    assert lookups[0].called  # cancelled
+    assert net.take() == [] and net.ports == {}
+
+
+# -- sources ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("a.cfg", "a.cfg"),
+        ("/a.cfg", "a.cfg"),
+        ("dir/a.cfg", "dir/a.cfg"),
+        ("dir\\sub\\a.cfg", "dir/sub/a.cfg"),
+        ("\\a.cfg", "a.cfg"),
+        ("./a//b/./c", "a/b/c"),
+        ("", None),
+        ("/", None),
+        ("..", None),
+        ("../etc/passwd", None),
+        ("a/../../b", None),
+        ("a\\..\\b", None),
+        ("//etc/passwd", None),
+        ("C:\\boot.ini", None),
+        ("c:/x", None),
+        ("a\x00b", None),
+        ("a\nb", None),
+        ("...", "..."),
+    ],
+)
+def test_safe_relative_name(name: str, expected: str | None) -> None:
+    assert safe_relative_name(name) == expected
+
+
+def _result(d: defer.Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    return box[0]
+
+
+def test_directory_source(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "f.bin").write_bytes(b"hello")
+    (tmp_path / "secret").write_bytes(b"no")
+    (root / "escape").symlink_to(tmp_path / "secret")
+    (root / "inside").symlink_to(root / "sub" / "f.bin")
+    os.mkfifo(root / "fifo")
+    src = DirectorySource(root)
+    reader = _result(src("/sub\\f.bin", CLIENT))
+    assert isinstance(reader, FileReader) and reader.size == 5
+    assert reader.read(3) + reader.read(100) + reader.read(100) == b"hello"
+    reader.close()
+    assert _result(src("inside", CLIENT)).read(10) == b"hello"
+    assert _result(src("missing", CLIENT)) is None
+    assert _result(src("sub", CLIENT)) is None  # a folder
+    assert _result(src("fifo", CLIENT)) is None  # never blocks on a FIFO
+    for bad in ["escape", "../secret", "sub/../../secret", "/etc/passwd/..", "a\x00"]:
+        failure = _result(src(bad, CLIENT))
+        assert failure.check(AccessDenied), bad
+
+
+def test_file_reader_never_reads_past_size(tmp_path: Path) -> None:
+    path = tmp_path / "grow"
+    path.write_bytes(b"12345")
+    reader = FileReader(path)
+    with open(path, "ab") as f:
+        f.write(b"678")
+    assert reader.read(100) == b"12345" and reader.read(100) == b""
+    reader.close()
+    reader.close()
+
+
+# -- real loopback sockets -------------------------------------------------------------------
+
+
+class Collector(DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+        self.waiting: list[defer.Deferred[None]] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.received.append((datagram, (addr[0], addr[1])))
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def wait(self, count: int, timeout: float = 5.0) -> defer.Deferred[None]:
+        from twisted.internet import reactor
+
+        @defer.inlineCallbacks
+        def run() -> Any:
+            deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+            while len(self.received) < count:
+                assert reactor.seconds() < deadline, f"only {len(self.received)} datagrams"  # type: ignore[attr-defined]
+                d: defer.Deferred[None] = defer.Deferred()
+                self.waiting.append(d)
+                d.addTimeout(0.2, reactor)
+                try:
+                    yield d
+                except defer.TimeoutError:
+                    pass
+
+        return run()
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_tid_over_real_sockets() -> Any:
+    from twisted.internet import reactor
+
+    server = TFTPServer([("127.0.0.1", 0)], TrackingSource({"f": bytes(2000)}), shutdown_timeout=1)
+    server.startService()
+    client, intruder = Collector(), Collector()
+    cport = reactor.listenUDP(0, client, interface="127.0.0.1")  # type: ignore[attr-defined]
+    iport = reactor.listenUDP(0, intruder, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        host, port = server.listening_ports()[0]
+        assert port != 0
+        client.transport.write(ReadRequest("f").encode(), (host, port))
+        yield client.wait(1)
+        data, tid = client.received[0]
+        assert decode(data) == Data(1, bytes(512)) and tid[1] != port
+        intruder.transport.write(Ack(1).encode(), tid)
+        yield intruder.wait(1)
+        assert decode(intruder.received[0][0]) == Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
+        assert len(client.received) == 1  # the intruder's ACK did not advance the transfer
+        for n in range(1, 5):
+            client.transport.write(Ack(n).encode(), tid)
+            if n < 4:
+                yield client.wait(n + 1)
+        assert [decode(d).block for d, _ in client.received] == [1, 2, 3, 4]  # type: ignore[union-attr]
+        for _ in range(50):
+            if server.transfers_in_flight() == 0:
+                break
+            yield _sleep(0.02)
+        assert server.transfers_in_flight() == 0
+    finally:
+        yield server.stopService()
+        yield cport.stopListening()
+        yield iport.stopListening()
+
+
+def _sleep(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_socket_timeouts_free_the_port() -> Any:
+    from twisted.internet import reactor
+
+    source = TrackingSource({"f": bytes(2000)})
+    server = TFTPServer([("127.0.0.1", 0)], source, retries=1, shutdown_timeout=1)
+    server.startService()
+    client = Collector()
+    cport = reactor.listenUDP(0, client, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        host, port = server.listening_ports()[0]
+        client.transport.write(ReadRequest("f", "octet", {"timeout": "1"}).encode(), (host, port))
+        yield client.wait(2, timeout=5)  # OACK and one retransmission
+        tid = client.received[0][1]
+        for _ in range(100):
+            if server.transfers_in_flight() == 0:
+                break
+            yield _sleep(0.05)
+        assert server.transfers_in_flight() == 0 and source.readers[0].closed
+        yield _sleep(0.05)
+        # The transfer port is really closed: binding it again works.
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(tid)
+        finally:
+            s.close()
+    finally:
+        yield server.stopService()
+        yield cport.stopListening()
+
+
+def test_privileged_start_binds_once_and_stop_unbinds(events: list[dict[str, Any]]) -> None:
+    net = FakeReactor()
+    server = TFTPServer([("127.0.0.1", 69), ("::1", 1069)], TrackingSource({}), reactor=net, log=Logger(observer=events.append))
+    server.privilegedStartService()
+    assert sorted(net.ports) == [69, 1069]
+    net.deliver(69, ReadRequest("f").encode())
+    assert net.take() == []  # bound but not accepting before startService
+    server.startService()
+    assert sorted(net.ports) == [69, 1069]
+    assert server.listening_ports() == [("127.0.0.1", 69), ("::1", 1069)]
+    net.deliver(1069, ReadRequest("missing").encode(), sender=("::1", 5000))
+    assert net.take() == [(1069, ("::1", 5000), Error(ErrorCode.FILE_NOT_FOUND, "file not found"))]
+    fired: list[Any] = []
+    server.stopService().addCallback(fired.append)
+    assert fired == [None] and net.ports == {} and server.listening_ports() == []
+
+
+def test_stop_twice_while_draining(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({"f": bytes(700)}), events)
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, _),) = net.take()
+    fired: list[str] = []
+    server.stopService().addCallback(lambda _: fired.append("first"))
+    server.stopService().addCallback(lambda _: fired.append("second"))
+    assert fired == []
+    net.deliver(tp, Ack(1).encode())
+    net.deliver(tp, Ack(2).encode())
+    assert fired == ["first", "second"] and net.ports == {}
+    # A later start/stop cycle works again.
+    server.startService()
+    assert list(net.ports) == [69]
+    server.stopService().addCallback(lambda _: fired.append("third"))
+    assert fired[-1] == "third" and net.ports == {}

@@ -1,0 +1,566 @@
+"""The Twisted side of the TFTP server: sockets and timers, nothing else.
+
+:class:`TFTPServer` is a ``twisted.application.service.Service`` that listens
+on the configured UDP addresses with one :class:`TFTPProtocol` each.  That
+protocol decodes requests, asks the *source* for read requests (see
+:mod:`zprovd.tftp.source` for the source protocol) or checks write requests
+against the upload folder, and starts a transfer.
+
+Each transfer gets its own UDP port, bound to an ephemeral port on the same
+local address as the listening port, and answers from it (RFC 1350 transfer
+IDs).  Datagrams reaching a transfer port from any other address or port get
+ERROR 5 "unknown transfer ID" and do not disturb the transfer.  The protocol
+logic lives in the sans-I/O sessions of :mod:`zprovd.tftp.session`; this
+module only moves datagrams and runs one timer per transfer through the
+injected ``reactor`` (``reactor.seconds()`` is the session clock, so tests
+can drive everything with ``twisted.internet.task.Clock``).
+
+Errors answering a request (file not found, access violation, malformed
+request...) are sent from the listening port.
+
+Limitations: when listening on a wildcard address (``0.0.0.0``, ``::``) the
+transfer port is bound to the wildcard too and the kernel picks the reply's
+source address; bind explicit addresses on multi-homed hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from zprovd.tftp.packets import (
+    Error,
+    ErrorCode,
+    MalformedPacket,
+    Opcode,
+    ReadRequest,
+    WriteRequest,
+    decode,
+    peek_opcode,
+)
+from zprovd.tftp.session import SUPPORTED_MODES, Limits, Output, ReadSession, WriteSession
+from zprovd.tftp.source import AccessDenied, Reader, Source, safe_relative_name
+
+__all__ = [
+    "TFTPServer",
+    "TFTPProtocol",
+    "TransferProtocol",
+    "UploadWriter",
+    "upload_name",
+    "Source",
+    "Reader",
+    "AccessDenied",
+]
+
+# Big enough for any TFTP datagram (65464 bytes of payload + header).
+MAX_DATAGRAM = 65536 + 64
+
+_UPLOAD_NAME = re.compile(r"([0-9a-fA-F]{12})-(boot|app)\.log")
+
+
+def upload_name(name: str) -> str | None:
+    """The file name to store an upload under, or None if it is not accepted.
+
+    Only Polycom log uploads are accepted: ``<12 hex digits>-boot.log`` and
+    ``<12 hex digits>-app.log`` as a plain file name (one leading ``/`` is
+    tolerated, no folders).  The MAC is lower-cased.
+    """
+    relative = safe_relative_name(name)
+    if relative is None or "/" in relative:
+        return None
+    match = _UPLOAD_NAME.fullmatch(relative)
+    if match is None:
+        return None
+    return f"{match.group(1).lower()}-{match.group(2)}.log"
+
+
+class UploadWriter:
+    """Writes an upload to a temporary file in ``directory``, renamed on commit.
+
+    ``filename`` must be a plain name (no separators); the final file is
+    always directly inside the real path of ``directory``.  A symlink already
+    sitting at the final name is replaced, never followed.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], filename: str):
+        if not filename or "/" in filename or "\\" in filename or filename in (".", ".."):
+            raise ValueError(f"not a plain file name: {filename!r}")
+        self.directory = Path(os.path.realpath(directory))
+        self.final_path = self.directory / filename
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".part", dir=self.directory)
+        self.temp_path = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self) -> None:
+        self._file.close()
+        self.closed = True
+        try:
+            os.chmod(self.temp_path, 0o644)
+            os.replace(self.temp_path, self.final_path)
+        except BaseException:
+            self._remove_temp()
+            raise
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _error_datagram(code: int, message: str) -> bytes:
+    return Error(code, message).encode()
+
+
+class TransferProtocol(DatagramProtocol):
+    """One transfer's own UDP port, feeding datagrams and timeouts to a session."""
+
+    noisy = False  # no "Starting protocol" line per transfer
+
+    def __init__(
+        self,
+        server: TFTPServer,
+        session: ReadSession | WriteSession,
+        client: tuple[str, int],
+        description: str,
+        key: Any,
+    ):
+        self.server = server
+        self.session = session
+        self.client = client
+        self.description = description
+        self.key = key
+        self.started_at = server.reactor.seconds()
+        self.finished = False
+        self.port: Any = None
+        self._timer: IDelayedCall | None = None
+        self._counted_retransmissions = 0
+
+    # Twisted entry points ---------------------------------------------------
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if self.finished:
+            return
+        if tuple(addr[:2]) != self.client:
+            # Someone else: tell them (unless it is itself an error), carry on.
+            if peek_opcode(datagram) not in (None, Opcode.ERROR):
+                self._write(_error_datagram(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), tuple(addr[:2]))
+            return
+        self.apply(self.session.receive(datagram, self.server.reactor.seconds()))
+
+    # Driving the session ----------------------------------------------------
+
+    def begin(self) -> None:
+        self.apply(self.session.start(self.server.reactor.seconds()))
+
+    def apply(self, out: Output) -> None:
+        """Carry out a session Output: send, then finish or re-arm the timer."""
+        delta = self.session.retransmissions - self._counted_retransmissions
+        if delta:
+            self._counted_retransmissions += delta
+            self.server.retransmissions += delta
+        for datagram in out.send:
+            self._write(datagram, self.client)
+        if out.done:
+            self._finish(out.error)
+            return
+        if out.deadline is None:
+            self._cancel_timer()
+            return
+        delay = max(0.0, out.deadline - self.server.reactor.seconds())
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self.server.reactor.callLater(delay, self._on_timer)
+
+    def abort(self, reason: str) -> None:
+        if not self.finished:
+            self.apply(self.session.abort(reason))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self.finished:
+            self.apply(self.session.timeout(self.server.reactor.seconds()))
+
+    def _write(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(datagram, addr)
+        except Exception as e:  # a full send buffer or unreachable peer is a lost datagram
+            self.server.log.debug("TFTP {transfer}: send failed: {err!r}", transfer=self.description, err=e)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _finish(self, error: str | None) -> None:
+        self.finished = True
+        self._cancel_timer()
+        elapsed = self.server.reactor.seconds() - self.started_at
+        session = self.session
+        size = session.bytes_sent if isinstance(session, ReadSession) else session.bytes_received
+        if error is None:
+            self.server.log.debug(
+                "TFTP {transfer}: done, {size} bytes in {elapsed:.3f}s, {retrans} retransmissions",
+                transfer=self.description,
+                size=size,
+                elapsed=elapsed,
+                retrans=session.retransmissions,
+            )
+        else:
+            self.server.log.debug(
+                "TFTP {transfer}: ended after {size} bytes in {elapsed:.3f}s: {error}",
+                transfer=self.description,
+                size=size,
+                elapsed=elapsed,
+                error=error,
+            )
+        closing = None
+        if self.port is not None:
+            try:
+                closing = self.port.stopListening()
+            except Exception:
+                closing = None
+        self.server._transfer_finished(self, closing)
+
+
+class TFTPProtocol(DatagramProtocol):
+    """The listening port: decodes requests and starts transfers."""
+
+    def __init__(self, server: TFTPServer, host: str):
+        self.server = server
+        self.host = host
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        client = (addr[0], addr[1])
+        server = self.server
+        if not server.accepting:
+            return
+        try:
+            packet = decode(datagram)
+        except MalformedPacket as e:
+            opcode = peek_opcode(datagram)
+            server.log.debug("TFTP malformed datagram from {client}: {reason}", client=client, reason=e.reason)
+            if opcode is not None and opcode != Opcode.ERROR:
+                message = "bad option" if e.error_code == ErrorCode.OPTION_REFUSED else "illegal operation"
+                self.reply(client, e.error_code, message)
+            return
+        if isinstance(packet, (ReadRequest, WriteRequest)):
+            if server._requests.get((self.host, client)) == datagram:
+                return  # a retransmitted request we are already serving
+            key = (self.host, client, datagram)
+            if packet.mode not in SUPPORTED_MODES:
+                server.log.debug("TFTP request from {client}: unsupported mode {mode!r}", client=client, mode=packet.mode)
+                self.reply(client, ErrorCode.ILLEGAL_OPERATION, "unsupported mode")
+                return
+            if len(server._transfers) + len(server._pending) >= server.max_transfers:
+                server.log.debug("TFTP request from {client} refused: too many transfers", client=client)
+                self.reply(client, ErrorCode.NOT_DEFINED, "server busy")
+                return
+            server._requests[key[:2]] = datagram
+            if isinstance(packet, ReadRequest):
+                self._read_request(packet, client, key)
+            else:
+                self._write_request(packet, client, key)
+        elif isinstance(packet, Error):
+            return
+        else:
+            server.log.debug("TFTP {kind} from {client} at the listening port", kind=type(packet).__name__, client=client)
+            self.reply(client, ErrorCode.ILLEGAL_OPERATION, "illegal operation")
+
+    def reply(self, client: tuple[str, int], code: int, message: str) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(_error_datagram(code, message), client)
+        except Exception as e:
+            self.server.log.debug("TFTP send to {client} failed: {err!r}", client=client, err=e)
+
+    def _forget(self, key: Any) -> None:
+        self.server._forget_request(key)
+
+    def _read_request(self, packet: ReadRequest, client: tuple[str, int], key: Any) -> None:
+        server = self.server
+        name = packet.filename
+        try:
+            d = defer.maybeDeferred(server.source, name, client)
+        except Exception:  # pragma: no cover - maybeDeferred catches already
+            d = defer.fail()
+        server._pending.add(d)
+
+        def got(reader: Reader | None) -> None:
+            server._pending.discard(d)
+            if reader is None:
+                self._forget(key)
+                server.log.debug("TFTP RRQ {name!r} from {client}: not found", name=name, client=client)
+                self.reply(client, ErrorCode.FILE_NOT_FOUND, "file not found")
+                return
+            if not server.accepting:
+                self._forget(key)
+                _close_quietly(reader)
+                return
+            session = ReadSession(reader, packet.options, packet.mode, server.limits)
+            self._start(session, client, key, f"RRQ {name!r} ({packet.mode}) for {client[0]}:{client[1]}")
+
+        def failed(failure: Failure) -> None:
+            server._pending.discard(d)
+            self._forget(key)
+            if failure.check(defer.CancelledError):
+                return
+            if failure.check(AccessDenied):
+                server.log.debug(
+                    "TFTP RRQ {name!r} from {client}: access denied: {why}",
+                    name=name,
+                    client=client,
+                    why=failure.getErrorMessage(),
+                )
+                self.reply(client, ErrorCode.ACCESS_VIOLATION, "access violation")
+                return
+            server.log.failure("TFTP RRQ {name!r} from {client}: source failed", failure, name=name, client=client)
+            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
+
+        d.addCallbacks(got, failed)
+        d.addErrback(lambda f: server.log.failure("TFTP RRQ handling failed", f))
+
+    def _write_request(self, packet: WriteRequest, client: tuple[str, int], key: Any) -> None:
+        server = self.server
+        name = packet.filename
+        final = upload_name(name) if server.upload_dir is not None else None
+        if final is None:
+            self._forget(key)
+            server.log.debug("TFTP WRQ {name!r} from {client}: refused", name=name, client=client)
+            self.reply(client, ErrorCode.ACCESS_VIOLATION, "access violation")
+            return
+        try:
+            writer = UploadWriter(server.upload_dir, final)  # type: ignore[arg-type]
+        except OSError as e:
+            self._forget(key)
+            server.log.error("TFTP WRQ {name!r} from {client}: cannot create the upload file: {err}", name=name, client=client, err=e)
+            self.reply(client, ErrorCode.NOT_DEFINED, "cannot store the file")
+            return
+        session = WriteSession(writer, packet.options, packet.mode, server.limits)
+        self._start(session, client, key, f"WRQ {final!r} ({packet.mode}) from {client[0]}:{client[1]}")
+
+    def _start(self, session: ReadSession | WriteSession, client: tuple[str, int], key: Any, description: str) -> None:
+        server = self.server
+        transfer = TransferProtocol(server, session, client, description, key)
+        try:
+            port = server.reactor.listenUDP(0, transfer, interface=self.host, maxPacketSize=MAX_DATAGRAM)
+        except Exception as e:
+            self._forget(key)
+            session.abort("no transfer port", notify=False)
+            server.log.error("TFTP {transfer}: cannot open a transfer port: {err}", transfer=description, err=e)
+            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
+            return
+        transfer.port = port
+        server._transfers.add(transfer)
+        server.log.debug("TFTP {transfer}: started", transfer=description)
+        transfer.begin()
+        if not transfer.finished:
+            negotiation = session.negotiation
+            server.log.debug(
+                "TFTP {transfer}: blksize={blksize} windowsize={windowsize} timeout={timeout} tsize={tsize}",
+                transfer=description,
+                blksize=negotiation.blksize,
+                windowsize=negotiation.windowsize,
+                timeout=negotiation.timeout,
+                tsize=negotiation.tsize,
+            )
+
+
+def _close_quietly(reader: Any) -> None:
+    try:
+        reader.close()
+    except Exception:
+        pass
+
+
+class TFTPServer(Service):
+    """The TFTP service.
+
+    ``listen``: (host, port) pairs; port 0 picks a free port (see
+    :meth:`listening_ports`).  ``source``: called as ``source(name, client)``,
+    see :mod:`zprovd.tftp.source`.  ``reactor`` defaults to the global one.
+    ``max_blksize``/``max_windowsize`` cap negotiated values, ``retries`` is
+    the number of retransmissions of one window before a transfer is dropped.
+    ``upload_dir`` enables Polycom log uploads (WRQ) into that folder, each at
+    most ``upload_max_bytes``.  ``log`` is a ``twisted.logger.Logger``.
+    ``shutdown_timeout`` bounds how long :meth:`stopService` waits for
+    transfers in flight; ``max_transfers`` bounds concurrent transfers
+    (beyond it requests get ERROR 0 "server busy").
+    """
+
+    def __init__(
+        self,
+        listen: list[tuple[str, int]],
+        source: Source,
+        reactor: Any = None,
+        max_blksize: int = 1468,
+        max_windowsize: int = 64,
+        retries: int = 5,
+        upload_dir: str | os.PathLike[str] | None = None,
+        upload_max_bytes: int = 1 << 20,
+        log: Logger | None = None,
+        *,
+        shutdown_timeout: float = 30.0,
+        max_transfers: int = 4096,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.listen = [(str(host), int(port)) for host, port in listen]
+        self.source = source
+        self.reactor = reactor
+        self.limits = Limits(
+            max_blksize=max_blksize,
+            max_windowsize=max_windowsize,
+            retries=retries,
+            upload_max_bytes=upload_max_bytes,
+        )
+        self.upload_dir = Path(upload_dir) if upload_dir is not None else None
+        self.log = log if log is not None else Logger(namespace="zprovd.tftp")
+        self.shutdown_timeout = shutdown_timeout
+        self.max_transfers = max_transfers
+        self.accepting = False
+        self._ports: list[Any] = []
+        self._transfers: set[TransferProtocol] = set()
+        self.retransmissions = 0
+        """Datagrams sent again (timeouts, RFC 7440 window restarts), by all
+        transfers since the start, counted as they happen: for /metrics."""
+        self._pending: set[defer.Deferred[Any]] = set()
+        self._requests: dict[Any, bytes] = {}
+        self._closing: list[defer.Deferred[Any]] = []
+        self._drained: defer.Deferred[None] | None = None
+        self._stop_waiters: list[defer.Deferred[None]] = []
+
+    # Service ----------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """Bind the listening ports (done here so port 69 can be bound as root)."""
+        Service.privilegedStartService(self)
+        self._bind()
+
+    def startService(self) -> None:
+        self._bind()
+        Service.startService(self)
+        self.accepting = True
+
+    def _bind(self) -> None:
+        if self._ports:
+            return
+        ports = []
+        try:
+            for host, port in self.listen:
+                protocol = TFTPProtocol(self, host)
+                ports.append(self.reactor.listenUDP(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM))
+        except BaseException:
+            for p in ports:
+                p.stopListening()
+            raise
+        self._ports = ports
+        for p in ports:
+            address = p.getHost()
+            self.log.info("TFTP listening on {host} port {port}", host=address.host, port=address.port)
+
+    def listening_ports(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs actually bound."""
+        result = []
+        for p in self._ports:
+            address = p.getHost()
+            result.append((address.host, address.port))
+        return result
+
+    def transfers_in_flight(self) -> int:
+        """Transfers with an open port (for monitoring and tests)."""
+        return len(self._transfers)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop accepting, let transfers finish (at most ``shutdown_timeout``), free all.
+
+        The Deferred fires once every port (listening and transfer) is
+        closed.  Calling it again while a stop is in progress returns a
+        Deferred that fires at the same moment.
+        """
+        result: defer.Deferred[None] = defer.Deferred()
+        self._stop_waiters.append(result)
+        if len(self._stop_waiters) > 1:
+            return result
+        Service.stopService(self)
+        self.accepting = False
+        closing = [defer.maybeDeferred(p.stopListening) for p in self._ports]
+        self._ports = []
+        for d in list(self._pending):
+            d.cancel()
+        for transfer in list(self._transfers):
+            session = transfer.session
+            if isinstance(session, WriteSession) and session.lingering:
+                transfer.abort("server stopping")
+        drained: defer.Deferred[None] = defer.Deferred()
+        bound = self.reactor.callLater(self.shutdown_timeout, self._abort_all)
+        if self._transfers:
+            self._drained = drained
+        else:
+            drained.callback(None)
+
+        def finish(_: Any) -> defer.Deferred[Any]:
+            if bound.active():
+                bound.cancel()
+            waits = closing + [d for d in self._closing if not d.called]
+            self._closing = []
+            return defer.DeferredList(waits, consumeErrors=True)
+
+        def notify(_: Any) -> None:
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+        drained.addCallback(finish)
+        drained.addBoth(notify)
+        return result
+
+    def _forget_request(self, key: Any) -> None:
+        # key is (listening host, client, request datagram); only the entry
+        # of that very request is removed.
+        if self._requests.get(key[:2]) == key[2]:
+            del self._requests[key[:2]]
+
+    def _abort_all(self) -> None:
+        for transfer in list(self._transfers):
+            transfer.abort("server stopping")
+
+    def _transfer_finished(self, transfer: TransferProtocol, closing: defer.Deferred[Any] | None) -> None:
+        self._transfers.discard(transfer)
+        self._forget_request(transfer.key)
+        if closing is not None and not self.accepting:
+            self._closing.append(closing)
+        if self._drained is not None and not self._transfers:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
