@@ -357,9 +357,14 @@ def cmd_import(s: Session, args) -> int:
 
 
 def _render_provisioner(s: Session):
+    """The daemon's pipeline as an allowed client sees it (no access policy)."""
+    from dataclasses import replace
+
+    from zprovd.config import open_access
     from zprovd.provisioning import Provisioner
 
-    return Provisioner(s.config, s.catalogue(), s.renderer(), _NoRecording(s.backend), run_inline)
+    config = replace(s.config, access=open_access())
+    return Provisioner(config, s.catalogue(), s.renderer(), _NoRecording(s.backend), run_inline)
 
 
 class _NoRecording:
@@ -398,7 +403,8 @@ def cmd_render(s: Session, args) -> int:
             if model is None or not model.per_mac:
                 raise CommandError(f"device {format_mac(mac, 'colon')} has model {device.model}, unknown or without per-MAC files")
             name = model.per_mac[0].pattern.replace("{mac}", mac)
-        response = wait(provisioner.handle(Request(protocol="cli", path=name, client="cli")))
+        # What an allowed HTTP client gets: render shows content, not policy.
+        response = wait(provisioner.handle(Request(protocol="http", path=name, client="127.0.0.1")))
     if response.status != 200:
         raise CommandError(f"the daemon would answer {response.status}: {response.reason}")
     sys.stdout.buffer.write(response.body)

@@ -111,6 +111,46 @@ class MetricsConfig:
     listen: list[Listen]
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+EVERYWHERE: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+
+
+@dataclass
+class GroupAccess:
+    """Who may fetch one group of files (generic, per_mac, zoiper, firmware)."""
+
+    allow: list[Network]
+    tftp_allow: list[Network]
+
+
+@dataclass
+class PerMacAccess(GroupAccess):
+    url_key: str
+    auth: str  # "none" | "basic" | "digest" | "any"
+    http_user: str
+    http_password: str
+    client_certificate: bool
+
+
+@dataclass
+class ScanConfig:
+    enabled: bool
+    max_misses: int
+    window: int
+    ban: int
+    never_ban: list[Network]
+
+
+@dataclass
+class AccessConfig:
+    trusted_proxies: list[Network]
+    generic: GroupAccess
+    per_mac: PerMacAccess
+    zoiper: GroupAccess
+    firmware: GroupAccess
+    scan: ScanConfig
+
+
 @dataclass
 class Config:
     path: Path
@@ -125,6 +165,7 @@ class Config:
     log: LogConfig
     server: ServerConfig
     metrics: MetricsConfig
+    access: AccessConfig
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections parsed by subsystems (``SECTION_PARSERS``), by section name."""
 
@@ -216,6 +257,19 @@ class SectionReader:
                 self.error(key, str(exc))
         return result
 
+    def networks(self, key: str, default: list[str] | tuple[str, ...]) -> list[Network]:
+        result = []
+        for item in self.strings(key, list(default)):
+            try:
+                result.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.error(key, f"{item!r} is not an address or network (e.g. 10.0.0.0/8)")
+        return result
+
+    def subsection(self, key: str) -> "SectionReader":
+        """A nested table (``[access.per_mac]``), read with its own unknown-key check."""
+        return SectionReader(self._problems, self.file, f"{self.section}.{key}", self._table.pop(key, {}), self.base)
+
     def rest(self) -> dict[str, Any]:
         """Take every remaining key (for sections whose keys belong to a plug-in)."""
         rest, self._table = self._table, {}
@@ -271,6 +325,55 @@ def register_section(name: str, parser: SectionParser) -> None:
 def _register_builtin_subsystems() -> None:
     # Imported here so that config.py stays importable on its own.
     from zprovd.dhcp import config as dhcp_config  # noqa: F401  (registers [dhcp])
+
+
+def _group(reader: SectionReader, name: str) -> tuple[SectionReader, list[Network], list[Network] | None]:
+    sub = reader.subsection(name)
+    allow = sub.networks("allow", EVERYWHERE)
+    tftp_allow = sub.networks("tftp_allow", ()) if sub.has("tftp_allow") else None
+    return sub, allow, tftp_allow
+
+
+def _parse_access(s: SectionReader) -> AccessConfig:
+    trusted = s.networks("trusted_proxies", [])
+    groups: dict[str, GroupAccess] = {}
+    for name in ("generic", "zoiper", "firmware"):
+        sub, allow, tftp_allow = _group(s, name)
+        groups[name] = GroupAccess(allow, allow if tftp_allow is None else tftp_allow)
+        sub.finish()
+    sub, allow, tftp_allow = _group(s, "per_mac")
+    auth = sub.string("auth", "none", ("none", "basic", "digest", "any"))
+    user = sub.string("http_user", "")
+    password = sub.string("http_password", "")
+    if bool(user) != bool(password):
+        sub.error("http_password", "http_user and http_password must be set together")
+    client_certificate = sub.boolean("client_certificate", False)
+    url_key = sub.string("url_key", "")
+    if url_key and (not url_key.isascii() or not url_key.replace("-", "").replace("_", "").isalnum()):
+        sub.error("url_key", "use letters, digits, '-' and '_' only (it is a path segment)")
+    if tftp_allow is None:
+        # TFTP can carry neither credentials nor certificates: when those are
+        # required, per-MAC files are refused over TFTP unless allowed explicitly.
+        tftp_allow = [] if (auth != "none" or client_certificate) else allow
+    per_mac = PerMacAccess(allow, tftp_allow, url_key, auth, user, password, client_certificate)
+    sub.finish()
+    sub = s.subsection("scan")
+    scan = ScanConfig(
+        enabled=sub.boolean("enabled", True),
+        max_misses=sub.integer("max_misses", 20, 2, 100000),
+        window=sub.integer("window", 60, 1, 86400),
+        ban=sub.integer("ban", 600, 1, 7 * 86400),
+        never_ban=sub.networks("never_ban", []),
+    )
+    sub.finish()
+    s.finish()
+    return AccessConfig(trusted, groups["generic"], per_mac, groups["zoiper"], groups["firmware"], scan)
+
+
+def open_access() -> AccessConfig:
+    """The defaults of ``[access]``: every address, no key, no credentials."""
+    problems: list[str] = []
+    return _parse_access(SectionReader(problems, Path("-"), "access", {}, Path(".")))
 
 
 def default_config_path() -> Path:
@@ -400,6 +503,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     metrics = MetricsConfig(listen=s.listen("listen", ["127.0.0.1:9151"]))
     s.finish()
 
+    access = _parse_access(section("access"))
+
     extra: dict[str, Any] = {}
     for name, parser in SECTION_PARSERS.items():
         s = section(name)
@@ -424,5 +529,6 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         log=log,
         server=server_section,
         metrics=metrics,
+        access=access,
         extra=extra,
     )

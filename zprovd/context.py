@@ -35,6 +35,9 @@ from zprovd.backends import Device, User
 from zprovd.catalogue import Model
 from zprovd.config import ProvisioningConfig
 
+# Access settings kept in device vars (zprovd.policy); never shown to templates.
+PRIVATE_DEVICE_VARS = frozenset({"http_user", "http_ha1_sha256", "http_ha1_md5"})
+
 
 @dataclass(frozen=True)
 class RequestInfo:
@@ -107,14 +110,15 @@ def generic_context(prov: ProvisioningConfig, model: Model, file: str, request: 
 def device_context(
     prov: ProvisioningConfig, model: Model, device: Device, users: list[User], file: str, request: RequestInfo
 ) -> dict[str, Any]:
-    merged = _merge(prov.vars, model.vars, *[u.vars for u in users], device.vars)
+    public = {k: v for k, v in device.vars.items() if k not in PRIVATE_DEVICE_VARS}
+    merged = _merge(prov.vars, model.vars, *[u.vars for u in users], public)
     ctx = _base(prov, merged, request)
     ctx.update(
         model=model.context(),
         file=file,
         mac=device.mac,
-        device={"mac": device.mac, "model": device.model, "vars": dict(device.vars)},
-        lines=account_lines(users, _merge(prov.vars, model.vars, device.vars)),
+        device={"mac": device.mac, "model": device.model, "vars": public},
+        lines=account_lines(users, _merge(prov.vars, model.vars, public)),
     )
     return ctx
 

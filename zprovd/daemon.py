@@ -325,7 +325,10 @@ class Daemon(MultiService):
             log.error("reload refused, keeping the running configuration: {problem}", problem=str(exc))
             self.notifier.status(self._status())
             return False
-        provisioner.limiter = self.current_provisioner().limiter  # lock-outs survive a reload
+        # lock-outs and scan bans survive a reload
+        provisioner.limiter = self.current_provisioner().limiter
+        if config.access.scan == old.access.scan:
+            provisioner.policy.scans = self.current_provisioner().policy.scans
         old_backend = self.backend
         self.config, self.backend, self.provisioner = config, backend, provisioner
         if tls_options is not None:

@@ -8,6 +8,7 @@ protocol layers only turn the Response into bytes on their wire.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import tomllib
@@ -25,6 +26,7 @@ from zprovd.config import Config
 from zprovd.context import RequestInfo, device_context, generic_context, zoiper_context
 from zprovd.firmware import FirmwareFolder
 from zprovd.metrics import Metrics
+from zprovd.policy import Policy, Refusal
 from zprovd.renderer import Renderer, RenderError
 from zprovd.routing import (
     BadRequest,
@@ -53,7 +55,7 @@ class Response:
     content_type: str = TEXT
     file: Path | None = None
     """Firmware: stream this file instead of ``body``."""
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: list[tuple[str, str]] = field(default_factory=list)
     who: str = "-"
     """For the audit log: the MAC or login the request was about."""
     reason: str = ""
@@ -70,6 +72,9 @@ def _parse_version(text: str) -> tuple[int, ...] | None:
     except ValueError:
         return None
     return parts if parts else None
+
+
+GROUPS = {ZoiperRoute: "zoiper", GenericRoute: "generic", PerMacRoute: "per_mac", FirmwareRoute: "firmware"}
 
 
 class ZoiperDocuments:
@@ -133,17 +138,24 @@ class Provisioner:
         z = config.zoiper
         self.limiter = FailureLimiter(z.max_failures, z.failure_window, z.lockout)
         self._dummy_hash = passwords.hash_password(os.urandom(16).hex())
+        self.policy = Policy(config.access)
+        self._unique = itertools.count()
 
     # ------------------------------------------------------------------
 
     def handle(self, request: Request) -> Deferred:
         """Answer one request; the Deferred fires with a Response, never fails."""
+        if self.policy.scans.banned_for(request.client, self.clock()) > 0:
+            return _done(_text(403, "Forbidden", reason="scanning"))
         route = self.router.route(request)
         info = RequestInfo(request.protocol, request.host, request.client, request.user_agent)
         if isinstance(route, BadRequest):
             return _done(_text(400, "Bad request", reason=route.reason))
         if isinstance(route, NotFound):
             return _done(_text(404, "Not found", reason="no such file"))
+        refusal = self.policy.address_refusal(GROUPS[type(route)], request.protocol, request.client)
+        if refusal is not None:
+            return _done(self._refuse(refusal, request, "-", ""))
         if isinstance(route, ZoiperRoute):
             d = self._zoiper(route, request, info)
         elif isinstance(route, GenericRoute):
@@ -157,6 +169,21 @@ class Provisioner:
             raise AssertionError(route)
         d.addErrback(self._unexpected, request)
         return d
+
+    def _miss(self, client: str, key: str) -> None:
+        """A miss towards scan detection (an unknown MAC, failed credentials)."""
+        if self.policy.scans.miss(client, key, self.clock()):
+            scan = self.config.access.scan
+            log.warn(
+                "refusing {client} for {ban} s: {count} unknown MACs or failed logins within {window} s (scanning)",
+                client=client, ban=scan.ban, count=scan.max_misses, window=scan.window,
+            )
+
+    def _refuse(self, refusal: Refusal, request: Request, who: str, key: str) -> Response:
+        if refusal.miss:
+            self._miss(request.client, key or f"refusal:{next(self._unique)}")
+        text = {401: "Unauthorized", 403: "Forbidden", 404: "Not found"}.get(refusal.status, "Refused")
+        return _text(refusal.status, text, who=who, reason=refusal.reason, headers=list(refusal.headers))
 
     def _unexpected(self, failure, request: Request) -> Response:
         log.failure("unexpected error answering {protocol} request", failure, protocol=request.protocol)
@@ -187,6 +214,10 @@ class Provisioner:
     @inlineCallbacks
     def _per_mac(self, route: PerMacRoute, request: Request, info: RequestInfo):
         mac = route.mac
+        policy = self.policy
+        refusal = policy.url_key_refusal(route.prefix, None)
+        if refusal is not None:
+            returnValue(self._refuse(refusal, request, mac, "key:" + mac))
         try:
             device = yield self._lookup("get_device", mac)
         except Exception as exc:
@@ -201,7 +232,22 @@ class Provisioner:
                 "unknown phone {mac} ({guess}) from {client} asked {file}; `zprovd device add` assigns it",
                 mac=mac, guess=guess, client=request.client, file=route.name,
             )
+            self._miss(request.client, "mac:" + mac)
+            # With credentials required, an unknown MAC is challenged like a
+            # known one: a scanner cannot tell which MACs exist.
+            refusal = policy.auth_refusal(request.protocol, request.method, request.authorization, None, now)
+            if refusal is not None and not refusal.miss:
+                returnValue(self._refuse(refusal, request, mac, ""))
             returnValue(_text(404, "Not found", who=mac, reason="unknown MAC"))
+        refusal = (
+            policy.url_key_refusal(route.prefix, device)
+            or policy.auth_refusal(request.protocol, request.method, request.authorization, device, now)
+            or policy.certificate_refusal(request.protocol, mac, request.certificate_macs)
+        )
+        if refusal is not None:
+            if refusal.status != 401 or refusal.miss:
+                log.warn("refused {file} to {client}: {reason}", file=route.name, client=request.client, reason=refusal.reason)
+            returnValue(self._refuse(refusal, request, mac, ""))
         model = self.catalogue.get(device.model)
         if model is None:
             log.warn("device {mac} has model {model}, which is not in the catalogue", mac=mac, model=device.model)
@@ -260,9 +306,9 @@ class Provisioner:
     def _zoiper(self, route: ZoiperRoute, request: Request, info: RequestInfo):
         z = self.config.zoiper
         if route.login is None or route.password is None or not route.login:
-            headers = {} if route.via == "query" else {"WWW-Authenticate": 'Basic realm="zprovd"'}
             response = self.zoiper_error(z.error_status if route.via == "query" else 401, z.error_text, "-", "missing credentials")
-            response.headers.update(headers)
+            if route.via != "query":
+                response.headers.append(("WWW-Authenticate", 'Basic realm="zprovd"'))
             returnValue(response)
         login = route.login
         now = self.clock()
@@ -270,7 +316,7 @@ class Provisioner:
         if blocked > 0:
             log.warn("refused login {login} from {client}: too many failures", login=login, client=request.client)
             response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
-            response.headers["Retry-After"] = str(int(blocked) + 1)
+            response.headers.append(("Retry-After", str(int(blocked) + 1)))
             returnValue(response)
         try:
             user = yield self._lookup("get_user", login)
@@ -283,6 +329,7 @@ class Provisioner:
         if user is None or not ok:
             self.limiter.failure("addr:" + request.client, now)
             self.limiter.failure("login:" + login, now)
+            self._miss(request.client, f"login:{next(self._unique)}")
             log.warn(
                 "failed login {login} from {client} ({why})",
                 login=login, client=request.client, why="unknown user" if user is None else "wrong password",

@@ -57,7 +57,7 @@ def _autoescape(name: str | None) -> bool:
 # Characters no configuration format can carry (XML 1.0 forbids them; in a
 # key/value file they corrupt the line).  Tab, LF and CR are handled by the
 # formats themselves (``kv`` refuses line breaks).
-_UNCARRIABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+_UNCARRIABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 def _finalize(value: Any) -> Any:

@@ -34,6 +34,9 @@ class Request:
     authorization: str = ""
     client: str = ""
     host: str = ""
+    method: str = "GET"
+    certificate_macs: frozenset[str] | None = None
+    """HTTPS: the MACs in the client certificate (None: no certificate)."""
 
 
 # What a request resolves to --------------------------------------------------
@@ -69,6 +72,8 @@ class PerMacRoute:
     name: str
     mac: str
     candidates: tuple[tuple[Model, PerMacFile], ...]
+    prefix: tuple[str, ...] = ()
+    """The path segments before the name (where a URL key sits)."""
 
     def file_for(self, model_id: str) -> PerMacFile | None:
         for model, pm in self.candidates:
@@ -170,7 +175,9 @@ class Router:
                 # The MAC is the same for every candidate: the name decides it.
                 macs = {mac for _, _, mac in per_mac}
                 if len(macs) == 1:
-                    return PerMacRoute(name, macs.pop(), tuple((m, pm) for m, pm, _ in per_mac))
+                    return PerMacRoute(
+                        name, macs.pop(), tuple((m, pm) for m, pm, _ in per_mac), tuple(segments[:start])
+                    )
         if self.firmware is not None:
             if request.protocol != "tftp" and len(segments) > 1 and segments[0].lower() == "firmware":
                 found = self.firmware("/".join(segments[1:]))

@@ -135,8 +135,8 @@ class ProvisioningResource(Resource):
         if request._disconnected:
             return
         request.setResponseCode(response.status)
-        for name, value in response.headers.items():
-            request.setHeader(name, value)
+        for name, value in response.headers:
+            request.responseHeaders.addRawHeader(name, value)
         if response.file is not None:
             # Streams in chunks with a producer; handles HEAD and ranges.
             result = static.File(str(response.file), defaultType=response.content_type).render(request)
