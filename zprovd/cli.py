@@ -275,7 +275,22 @@ def cmd_device_add(s: Session, args) -> int:
     existing = wait(s.backend.get_device(mac))
     if existing is not None and not args.replace:
         raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
-    wait(s.backend.save_device(Device(mac=mac, model=args.model.lower(), users=list(args.user or []), vars=_vars(args.var))))
+    variables = _vars(args.var)
+    reserved = sorted(set(variables) & {"http_user", "http_ha1_sha256", "http_ha1_md5", "url_key"})
+    if reserved:
+        raise CommandError(f"--var {reserved[0]}: set it with --http-user/--http-password/--url-key")
+    if bool(args.http_user) != bool(args.http_password):
+        raise CommandError("--http-user and --http-password go together")
+    if args.http_user:
+        from zprovd.httpauth import Credentials
+
+        c = Credentials.from_password(args.http_user, args.http_password)
+        variables.update(http_user=c.user, http_ha1_sha256=c.ha1_sha256, http_ha1_md5=c.ha1_md5)
+    if args.url_key:
+        if not args.url_key.replace("-", "").replace("_", "").isalnum() or not args.url_key.isascii():
+            raise CommandError("--url-key: use letters, digits, '-' and '_' only (it is a path segment)")
+        variables["url_key"] = args.url_key
+    wait(s.backend.save_device(Device(mac=mac, model=args.model.lower(), users=list(args.user or []), vars=variables)))
     s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
     return EXIT_OK
 
@@ -301,8 +316,13 @@ def cmd_device_show(s: Session, args) -> int:
     out = s.out
     out.write(f"mac:           {format_mac(device.mac, 'colon')}\nmodel:         {device.model}\n")
     out.write(f"users:         {', '.join(device.users) or '-'}\n")
+    if device.vars.get("http_user"):
+        out.write(f"http auth:     user {device.vars['http_user']}, password (set)\n")
+    if device.vars.get("url_key"):
+        out.write(f"url key:       {device.vars['url_key']}\n")
     for key, value in sorted(device.vars.items()):
-        out.write(f"var:           {key}={value}\n")
+        if key not in ("http_user", "http_ha1_sha256", "http_ha1_md5", "url_key"):
+            out.write(f"var:           {key}={value}\n")
     f = device.last_fetch
     out.write(f"last fetch:    {_when(f.when)} from {f.address}: {f.file}\n" if f else "last fetch:    never\n")
     return EXIT_OK
@@ -547,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="a model id from `zprovd models`")
     c.add_argument("--user", action="append", metavar="LOGIN", help="the user of line 1, 2, ... (repeatable)")
     c.add_argument("--var", action="append", metavar="KEY=VALUE", help="template variable (repeatable)")
+    c.add_argument("--http-user", help="HTTP Basic/Digest user this phone must send ([access.per_mac] auth)")
+    c.add_argument("--http-password", help="its password (stored as Digest HA1 values, not in clear)")
+    c.add_argument("--url-key", help="serve this phone's files only under /<key>/")
     c.add_argument("--replace", action="store_true", help="overwrite an existing device")
     command(devices, "list", cmd_device_list, "list desk phones")
     command(devices, "show", cmd_device_show, "show one desk phone").add_argument("mac")

@@ -48,6 +48,7 @@ class HTTPSConfig:
     listen: list[Listen]
     certificate: Path | None
     private_key: Path | None
+    client_ca: Path | None
 
 
 @dataclass
@@ -127,6 +128,7 @@ class GroupAccess:
 class PerMacAccess(GroupAccess):
     url_key: str
     auth: str  # "none" | "basic" | "digest" | "any"
+    digest_algorithms: list[str]
     http_user: str
     http_password: str
     client_certificate: bool
@@ -343,6 +345,10 @@ def _parse_access(s: SectionReader) -> AccessConfig:
         sub.finish()
     sub, allow, tftp_allow = _group(s, "per_mac")
     auth = sub.string("auth", "none", ("none", "basic", "digest", "any"))
+    algorithms = sub.strings("digest_algorithms", ["SHA-256", "MD5"], nonempty=True)
+    for name in algorithms:
+        if name not in ("SHA-256", "MD5"):
+            sub.error("digest_algorithms", f"{name!r} is not one of 'SHA-256', 'MD5'")
     user = sub.string("http_user", "")
     password = sub.string("http_password", "")
     if bool(user) != bool(password):
@@ -355,7 +361,7 @@ def _parse_access(s: SectionReader) -> AccessConfig:
         # TFTP can carry neither credentials nor certificates: when those are
         # required, per-MAC files are refused over TFTP unless allowed explicitly.
         tftp_allow = [] if (auth != "none" or client_certificate) else allow
-    per_mac = PerMacAccess(allow, tftp_allow, url_key, auth, user, password, client_certificate)
+    per_mac = PerMacAccess(allow, tftp_allow, url_key, auth, algorithms, user, password, client_certificate)
     sub.finish()
     sub = s.subsection("scan")
     scan = ScanConfig(
@@ -420,6 +426,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         listen=s.listen("listen", ["0.0.0.0:443"]),
         certificate=s.path("certificate"),
         private_key=s.path("private_key"),
+        client_ca=s.path("client_ca"),
     )
     if (https.certificate is None) != (https.private_key is None):
         s.error("private_key", "certificate and private_key must be set together (or both left empty)")
@@ -504,6 +511,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     s.finish()
 
     access = _parse_access(section("access"))
+    if access.per_mac.client_certificate and https.client_ca is None:
+        problems.append(f"{path}: [access.per_mac] client_certificate: needs [https] client_ca (the device CAs to trust)")
 
     extra: dict[str, Any] = {}
     for name, parser in SECTION_PARSERS.items():

@@ -195,7 +195,7 @@ class Daemon(MultiService):
             except OSError as exc:
                 raise StartupError(f"cannot create a certificate in {config.state_dir}: {exc}") from None
         try:
-            return tls.server_context(paths)
+            return tls.server_context(paths, cfg.client_ca)
         except tls.TLSError as exc:
             raise StartupError(f"https: {exc}") from None
 

@@ -93,12 +93,15 @@ class NonceSource:
         return "ok" if -5 <= age <= self.lifetime else "stale"
 
 
-def challenges(nonces: NonceSource, now: float, stale: bool = False, basic: bool = True, digest: bool = True) -> list[str]:
-    """WWW-Authenticate header values, strongest first."""
+def challenges(
+    nonces: NonceSource, now: float, stale: bool = False, basic: bool = True, digest: bool = True,
+    algorithms: tuple[str, ...] = tuple(ALGORITHMS),
+) -> list[str]:
+    """WWW-Authenticate header values, in the order given (strongest first by default)."""
     values = []
     if digest:
         nonce = nonces.make(now)
-        for algorithm in ALGORITHMS:
+        for algorithm in algorithms:
             values.append(
                 f'Digest realm="{REALM}", qop="auth", algorithm={algorithm}, nonce="{nonce}"'
                 + (", stale=true" if stale else "")
@@ -118,7 +121,7 @@ class Verdict:
 
 def verify(
     header: str, method: str, candidates: list[Credentials], nonces: NonceSource, now: float,
-    basic: bool = True, digest: bool = True,
+    basic: bool = True, digest: bool = True, algorithms: tuple[str, ...] = tuple(ALGORITHMS),
 ) -> Verdict:
     """Check an Authorization header against any of the candidate credentials."""
     if not header:
@@ -142,7 +145,7 @@ def verify(
         if p is None or not all(k in p for k in ("username", "realm", "nonce", "uri", "response")):
             return Verdict(False, reason="malformed Digest credentials")
         algorithm = p.get("algorithm", "MD5").upper()
-        if algorithm not in ALGORITHMS or p["realm"] != REALM:
+        if algorithm not in algorithms or p["realm"] != REALM:
             return Verdict(False, p["username"], reason="unsupported Digest parameters")
         freshness = nonces.check(p["nonce"], now)
         if freshness == "bad":

@@ -156,10 +156,12 @@ class Policy:
             return None
         candidates = [c for c in (device_credentials(device) if device else None, self.shared) if c]
         basic, digest = mode in ("basic", "any"), mode in ("digest", "any")
-        verdict = verify(authorization, method, candidates, self.nonces, now, basic=basic, digest=digest)
+        algorithms = tuple(self.access.per_mac.digest_algorithms)
+        verdict = verify(authorization, method, candidates, self.nonces, now, basic, digest, algorithms)
         if verdict.ok:
             return None
-        headers = tuple(("WWW-Authenticate", v) for v in challenges(self.nonces, now, verdict.stale, basic, digest))
+        offered = challenges(self.nonces, now, verdict.stale, basic, digest, algorithms)
+        headers = tuple(("WWW-Authenticate", v) for v in offered)
         tried = bool(authorization) and not verdict.stale
         return Refusal(401, "wrong HTTP credentials" if tried else "HTTP credentials required", headers, miss=tried)
 

@@ -155,7 +155,8 @@ class Provisioner:
             return _done(_text(404, "Not found", reason="no such file"))
         refusal = self.policy.address_refusal(GROUPS[type(route)], request.protocol, request.client)
         if refusal is not None:
-            return _done(self._refuse(refusal, request, "-", ""))
+            who = route.mac if isinstance(route, PerMacRoute) else getattr(route, "login", None) or "-"
+            return _done(self._refuse(refusal, request, who, ""))
         if isinstance(route, ZoiperRoute):
             d = self._zoiper(route, request, info)
         elif isinstance(route, GenericRoute):

@@ -103,11 +103,30 @@ def load_pem_chain(paths: CertificatePaths) -> tuple[crypto.PKey, list[crypto.X5
     return crypto.PKey.from_cryptography_key(key), [crypto.X509.from_cryptography(c) for c in chain]
 
 
-def server_context(paths: CertificatePaths) -> ssl.CertificateOptions:
+def load_client_cas(path: Path) -> list[crypto.X509]:
+    """The device CAs (vendors' factory certificate authorities) to trust."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TLSError(f"cannot read client_ca {path}: {exc.strerror}") from None
+    try:
+        return [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(data)]
+    except ValueError as exc:
+        raise TLSError(f"{path} is not a PEM bundle of CA certificates ({exc})") from None
+
+
+def server_context(paths: CertificatePaths, client_ca: Path | None = None) -> ssl.CertificateOptions:
+    """TLS 1.2 at least.  With ``client_ca``, a client certificate is asked
+    for (not required: generic files and Zoiper need none) and, when one is
+    sent, the handshake fails unless it chains to one of those CAs."""
     key, chain = load_pem_chain(paths)
+    options: dict = {}
+    if client_ca is not None:
+        options = dict(verify=True, caCerts=load_client_cas(client_ca), requireCertificate=False)
     return ssl.CertificateOptions(
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        **options,
     )

@@ -14,10 +14,13 @@ from urllib.parse import parse_qsl, quote
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.web import server, static
+from twisted.web import http, server, static
 from twisted.web.resource import Resource
 
+from cryptography import x509
+
 from zprovd.metrics import Metrics
+from zprovd.policy import client_address, macs_in_certificate_names
 from zprovd.provisioning import Provisioner, Response
 from zprovd.routing import Request
 
@@ -93,14 +96,21 @@ class ProvisioningResource(Resource):
         self.inflight.enter()
         provisioner = self.provisioner()
         query = {_decode(k): [_decode(v) for v in vs] for k, vs in (request.args or {}).items()}
+        client = client_address(
+            _client(request),
+            _decode(request.getHeader(b"x-forwarded-for") or b""),
+            provisioner.config.access.trusted_proxies,
+        )
         req = Request(
             protocol=self.protocol,
             path=_decode(request.path),
             query=query,
             user_agent=_decode(request.getHeader(b"user-agent") or b""),
             authorization=_decode(request.getHeader(b"authorization") or b""),
-            client=_client(request),
+            client=client,
             host=_decode(request.getHeader(b"host") or b""),
+            method=_decode(request.method),
+            certificate_macs=_certificate_macs(request) if self.protocol == "https" else None,
         )
         secret_params = {p.lower() for p in provisioner.config.zoiper.password_params}
         response_holder: list[Response] = []
@@ -152,9 +162,120 @@ class ProvisioningResource(Resource):
         request.finish()
 
 
+def _certificate_macs(request: server.Request) -> frozenset[str] | None:
+    """The MACs named in the client's certificate (already verified against
+    ``[https] client_ca`` by the handshake); None without a certificate."""
+    get_peer = getattr(request.transport, "getPeerCertificate", None)
+    certificate = get_peer() if get_peer else None
+    if certificate is None:
+        return None
+    cert = certificate.to_cryptography()
+    names = [attribute.value for attribute in cert.subject if isinstance(attribute.value, str)]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names += [str(value) for value in san.get_values_for_type(x509.DNSName)]
+        names += [str(value) for value in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    except x509.ExtensionNotFound:
+        pass
+    return frozenset(macs_in_certificate_names(names))
+
+
 def _client(request: server.Request) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", str(address))
+
+
+class Channel(http.HTTPChannel):
+    """HTTPChannel with early, explicit refusals of oversized or slow requests.
+
+    A request line over ``MAX_REQUEST_LINE`` bytes gets 414, headers over
+    ``totalHeadersSize`` bytes or ``maxHeaders`` lines 431, a body over
+    ``MAX_BODY`` bytes 413 (phones only GET), and a client that has not sent
+    a complete header block ``HEADER_DEADLINE`` seconds after connecting (or
+    after its previous response) gets 408: trickling one byte at a time
+    (slowloris) does not hold a connection open.
+    """
+
+    MAX_REQUEST_LINE = 4096
+    MAX_LENGTH = 8192  # any one line
+    totalHeadersSize = 8192
+    maxHeaders = 64
+    MAX_BODY = 64 * 1024
+    HEADER_DEADLINE = 10.0
+
+    _deadline = None
+    _refused = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.callLater(self.HEADER_DEADLINE, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, "Request Timeout", "headers not received in time")
+
+    def _refuse(self, status: int, phrase: str, reason: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self._disarm()
+        peer = self.transport.getPeer() if self.transport else None
+        access_log.info(
+            "http {client} \"-\" {status} 0 0.0ms who=- \"{reason}\"",
+            client=getattr(peer, "host", "-"), status=status, reason=reason,
+        )
+        self.transport.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        self.dataReceived = self.lineReceived = lambda *args: None
+        self.transport.loseConnection()
+
+    def lineReceived(self, line):
+        if self._HTTPChannel__first_line and len(line) > self.MAX_REQUEST_LINE:
+            return self._refuse(414, "URI Too Long", "request line too long")
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            return self._refuse(431, "Request Header Fields Too Large", "headers too large")
+        return super().lineReceived(line)
+
+    def lineLengthExceeded(self, line):
+        if self._HTTPChannel__first_line:
+            return self._refuse(414, "URI Too Long", "request line too long")
+        return self._refuse(431, "Request Header Fields Too Large", "header line too long")
+
+    def headerReceived(self, line):
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(431, "Request Header Fields Too Large", "too many headers")
+            return False
+        name = line.split(b":", 1)[0].strip().lower()
+        if name == b"transfer-encoding":
+            self._refuse(413, "Content Too Large", "request body refused")
+            return False
+        if name == b"content-length":
+            value = line.split(b":", 1)[1].strip() if b":" in line else b""
+            if value.isdigit() and int(value) > self.MAX_BODY:
+                self._refuse(413, "Content Too Large", "request body too large")
+                return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self):
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if not self._refused and self.transport is not None and self.persistent:
+            self._arm()
+
+    def connectionLost(self, reason):
+        self._disarm()
+        super().connectionLost(reason)
 
 
 class Site(server.Site):
@@ -166,6 +287,8 @@ class Site(server.Site):
 
     def log(self, request) -> None:
         pass
+
+    protocol = Channel
 
     def __init__(self, resource: Resource, reactor):
         super().__init__(resource, reactor=reactor)
