@@ -54,5 +54,11 @@ peers:
 test: $(VENV)/.installed peers
 	$(PY) -m pytest -q
 
+# Bounded fuzzing of the parsers (fuzz/README.md): atheris if it installs, else hypothesis.
+FUZZ_SECONDS ?= 180
+fuzz: $(VENV)/.installed
+	$(PY) -m pip install --quiet --prefer-binary atheris || echo "atheris did not install: fuzzing with hypothesis instead"
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .hypothesis

@@ -248,7 +248,11 @@ class SectionReader:
         value = self.string(key, default)
         if not value:
             return None
-        return _resolve(value, base or self.base)
+        try:
+            return _resolve(value, base or self.base)
+        except ValueError as exc:
+            self.error(key, str(exc))
+            return None
 
     def listen(self, key: str, default: list[str]) -> list[Listen]:
         result = []
@@ -290,7 +294,11 @@ def _toml_type(value: Any) -> str:
 
 
 def _resolve(value: str, base: Path) -> Path:
-    path = Path(value).expanduser()
+    """An absolute path; ValueError if ``~user`` names nobody."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:
+        raise ValueError(f"{value!r}: cannot expand '~': no such user") from None
     return path if path.is_absolute() else Path(os.path.normpath(base / path))
 
 
@@ -399,6 +407,8 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: TOML nested too deeply"]) from None
     return parse_config(data, path)
 
 
@@ -415,7 +425,11 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     if not isinstance(state_value, str) or not state_value:
         top.error("state_dir", "must be a non-empty string")
         state_value = "/var/lib/zprovd"
-    state_dir = _resolve(state_value, base)
+    try:
+        state_dir = _resolve(state_value, base)
+    except ValueError as exc:
+        top.error("state_dir", str(exc))
+        state_dir = Path("/var/lib/zprovd")
 
     s = section("http")
     http = HTTPConfig(listen=s.listen("listen", ["0.0.0.0:80"]))
@@ -471,7 +485,13 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     s.finish()
 
     s = section("templates")
-    templates = TemplatesConfig(dirs=[_resolve(d, base) for d in s.strings("dirs", [])])
+    dirs = []
+    for d in s.strings("dirs", []):
+        try:
+            dirs.append(_resolve(d, base))
+        except ValueError as exc:
+            s.error("dirs", str(exc))
+    templates = TemplatesConfig(dirs=dirs)
     s.finish()
 
     s = section("zoiper")

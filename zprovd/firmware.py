@@ -19,12 +19,14 @@ class FirmwareFolder:
     def lookup(self, name: str) -> str | None:
         if not name or name.startswith("/"):
             return None
-        candidate = (self.root / name).resolve()
         try:
+            candidate = (self.root / name).resolve()
             candidate.relative_to(self.root)
+            return name if candidate.is_file() else None
         except ValueError:
             return None  # a symlink pointing outside the folder
-        return name if candidate.is_file() else None
+        except OSError:
+            return None  # a name the file system cannot hold (too long, ...)
 
     def path(self, name: str) -> Path:
         return self.root / name

@@ -84,7 +84,7 @@ class NonceSource:
         """ "ok", "stale" or "bad"."""
         stamp, _, mac = nonce.partition(".")
         expected = hmac.new(self.key, stamp.encode(), hashlib.sha256).hexdigest()[:32]
-        if not hmac.compare_digest(mac, expected):
+        if not hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected.encode()):
             return "bad"
         try:
             age = now - int(stamp, 16)
@@ -161,7 +161,7 @@ def verify(
                 expected = _h(algorithm, f"{c.ha1_for(algorithm)}:{p['nonce']}:{p.get('nc', '')}:{p.get('cnonce', '')}:{qop}:{ha2}")
             else:
                 expected = _h(algorithm, f"{c.ha1_for(algorithm)}:{p['nonce']}:{ha2}")
-            if hmac.compare_digest(expected, p["response"].lower()):
+            if hmac.compare_digest(expected.encode(), p["response"].lower().encode("utf-8", "surrogatepass")):
                 if freshness == "stale":
                     return Verdict(False, p["username"], stale=True, reason="stale nonce")
                 return Verdict(True, p["username"])

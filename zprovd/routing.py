@@ -112,7 +112,7 @@ def split_path(path: str, percent_encoded: bool) -> list[str] | BadRequest:
             continue
         if segment == "..":
             return BadRequest("'..' in path")
-        if len(segment) > MAX_SEGMENT:
+        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT:
             return BadRequest("path component too long")
         if any(ord(c) < 0x20 for c in segment):
             return BadRequest("control character in path")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Callable
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote, unquote_plus
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -32,15 +32,21 @@ REQUEST_TIMEOUT = 30  # seconds a client may take to send its request
 
 
 def redact_uri(uri: str, secret_params: set[str]) -> str:
-    """The URI with the value of every secret-looking query parameter replaced by ***."""
+    """The URI with the value of every secret-looking query parameter replaced by ***.
+
+    The query is split on ``&`` and ``;`` exactly as twisted.web splits it, so
+    no parameter the application saw escapes redaction.
+    """
     path, sep, query = uri.partition("?")
     if not sep:
         return path
     parts = []
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name.lower() in secret_params or SECRET_PARAM.search(name):
-            value = "***"
-        parts.append(f"{quote(name, safe='')}={quote(value, safe='*@.:-_') if value != '***' else value}")
+    for part in re.split(r"[&;]", query):
+        raw_name, eq, _ = part.partition("=")
+        name = unquote_plus(raw_name)
+        if eq and (name.lower() in secret_params or SECRET_PARAM.search(name)):
+            part = f"{raw_name}=***"
+        parts.append(part)
     return path + "?" + "&".join(parts)
 
 

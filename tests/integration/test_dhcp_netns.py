@@ -619,3 +619,89 @@ def test_start_fails_clearly_without_the_interface(net: Net, helpers: HelperFact
     helper = helpers.start(helpers.config_text("inform", interface="zpt-nosuch0"), expect_ready=False)
     assert helper.process.wait(timeout=START_TIMEOUT) == 1
     assert "interface zpt-nosuch0 does not exist or has no IPv4 address" in helper.log()
+
+
+# --------------------------------------------------------------------------
+# The whole daemon on a lab network: DHCP hands out option 66, the phone
+# follows it, and the admin commands see what happened.
+
+
+@needs_udhcpc
+def test_daemon_lab_flow_option_66_then_the_phone_fetches_its_file(client: Net, tmp_path: Path):
+    p = client.prefix
+    mac = client.client_mac()
+    state = tmp_path / "state"
+    config = tmp_path / "zprovd.toml"
+    config.write_text(textwrap.dedent(f"""\
+        state_dir = "{state}"
+        [http]
+        listen = ["{client.server_ip}:8080"]
+        [https]
+        listen = []
+        [tftp]
+        listen = []
+        [metrics]
+        listen = ["127.0.0.1:9151"]
+        [provisioning]
+        server = "{client.server_ip}"
+        base_url = "http://{client.server_ip}:8080/provision/"
+        [dhcp]
+        enabled = true
+        interface = "{client.server_if}"
+        mode = "server"
+        pool = ["{p}.150-{p}.159"]
+        subnet_mask = "255.255.255.0"
+        router = "{client.server_ip}"
+        lease_time = 600
+        [dhcp.options]
+        tftp-server-name = "{client.server_ip}"
+        [[dhcp.match]]
+        vendor_class = "Yealink"
+        options = {{ "160" = "http://{client.server_ip}:8080/provision/" }}
+        """))
+
+    def zprovd(*args: str, ns: str | None = None) -> subprocess.CompletedProcess:
+        command = [PYTHON, "-m", "zprovd", "-c", str(config), *args]
+        return subprocess.run(client.ns_exec(ns, *command) if ns else command, capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+
+    assert zprovd("user", "add", "lab", "--password", "pw", "--sip-password", "lab-sip-secret").returncode == 0
+    r = zprovd("device", "add", mac, "--model", "yealink-t48g", "--user", "lab")
+    assert r.returncode == 0, r.stderr
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen(client.ns_exec(client.server_ns, PYTHON, "-m", "zprovd", "-c", str(config), "run"),
+                                  stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "zprovd: serving http" not in log_path.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        code, directory = udhcpc(client, tmp_path / "udhcpc", "Yealink SIP-T48G", "-q", "-n")
+        assert code == 0, (directory / "udhcpc.out").read_text() + log_path.read_text()
+        env = read_env(directory / "udhcpc-bound.env")
+        assert env["ip"].startswith(f"{p}.15")
+        # busybox passes option 66 through its host-name check, so the full
+        # URL travels in option 160 (as Polycom phones take it).
+        assert env["tftp"] == client.server_ip
+        url = bytes.fromhex(env["opt160"]).decode()
+        assert url == f"http://{client.server_ip}:8080/provision/"
+        # The phone follows it to its per-MAC file.
+        fetched = subprocess.run(client.ns_exec(client.client_ns, "curl", "-sS", "-A", "Yealink SIP-T48G 35.83.0.35",
+                                                f"{url}{mac}.cfg"), capture_output=True, text=True, timeout=30)
+        assert "lab-sip-secret" in fetched.stdout, fetched.stderr + log_path.read_text()
+        # The admin sees the lease and the reply counters.
+        leases = zprovd("dhcp", "leases")
+        assert leases.returncode == 0 and env["ip"] in leases.stdout, leases.stdout + leases.stderr
+        metrics = subprocess.run(client.ns_exec(client.server_ns, "curl", "-sS", "http://127.0.0.1:9151/metrics"),
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert 'zprovd_dhcp_replies_total{type="DHCPOFFER"} 1.0' in metrics
+        assert 'zprovd_dhcp_replies_total{type="DHCPACK"} 1.0' in metrics
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+    assert daemon.returncode == 0, log_path.read_text()
+    assert "Traceback" not in log_path.read_text()

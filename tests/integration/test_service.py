@@ -290,3 +290,46 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     r = subprocess.run([analyze, "verify", str(tmp_path / "zprovd.service")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and r.stderr == "", r.stdout + r.stderr
+
+
+def test_started_as_root_it_binds_then_runs_as_the_configured_user(daemons_root_dir):
+    import pwd
+
+    base = daemons_root_dir
+    nobody = pwd.getpwnam("nobody")
+    config = free_config(base, extra='[server]\nuser = "nobody"\n')
+    assert run_cli(config, "user", "add", "u", "--password", "pw").returncode == 0
+    assert run_cli(config, "device", "add", "001565000001", "--model", "yealink-t48g", "--user", "u").returncode == 0
+    d = Daemon(config).start()
+    try:
+        status = Path(f"/proc/{d.proc.pid}/status").read_text()
+        uids = next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1:]
+        assert uids == [str(nobody.pw_uid)] * 4
+        d.wait_for_log("running as user nobody")
+        # it still reads and writes its state
+        assert fetch(d.url("http", "/zoiper?user=u&password=pw"))[0] == 200
+        assert fetch(d.url("http", "/001565000001.cfg"))[0] == 200
+        assert (base / "state" / "zprovd.sqlite3").stat().st_uid == nobody.pw_uid
+        assert "Traceback" not in d.log and "error" not in d.log.lower()
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.fixture
+def daemons_root_dir():
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    try:
+        import pwd
+
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' here")
+    # pytest's tmp_path is private to root (0700): the dropped user could not
+    # reach its state there.
+    base = Path(tempfile.mkdtemp(prefix="zprovd-drop-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
