@@ -175,6 +175,13 @@ def cache_size() -> int:
     return len(_cache)
 
 
+def known_good(stored: str, given: str) -> bool:
+    """Whether this exact pair already verified (cache only: no hashing, no I/O)."""
+    if not isinstance(stored, str) or not isinstance(given, str):
+        return False
+    return _cache.key(stored, given) in _cache
+
+
 def verify_password(stored: str, given: str) -> bool:
     """Whether ``given`` (the password or its MD5 hex digest) matches ``stored``.
 

@@ -22,10 +22,17 @@ Design notes:
   a lock upgrade).  ``journal_mode=WAL`` lets readers proceed while the CLI
   writes; ``synchronous=NORMAL`` is the usual WAL setting (a power cut may
   lose the last commit, never corrupt the file).
-* **No cache.**  Every look-up reads the database, so a change made by
-  another process is visible on the next look-up.  Look-ups are primary
-  key or index look-ups; the statement texts are constant, so the sqlite3
-  module's statement cache keeps them prepared.
+* **Read cache.**  ``get_user``/``get_device`` answer from memory while
+  ``PRAGMA data_version`` (on a connection owned by the caller's thread) is
+  unchanged: SQLite changes it on every commit by any other connection, the
+  CLI's included, and in WAL mode reads it from the shared-memory index,
+  without disk I/O.  The first look-up after any commit goes to the
+  database, so a change made by another process is still seen on the next
+  look-up.  Look-ups are primary key or index look-ups; the statement texts
+  are constant, so the sqlite3 module's statement cache keeps them prepared.
+* **Fetch records** are coalesced: ``record_fetch`` keeps the latest fetch
+  per MAC in memory and at most one write of the waiting ones is in flight,
+  so a boot storm does not queue one transaction per request.
 * **Schema.**  ``PRAGMA user_version`` holds the schema version and
   ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; all
   pending migrations run in one transaction when ``open()`` finds an older
@@ -48,15 +55,18 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import copy
 import threading
 import urllib.parse
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from zprovd.backends import (
@@ -76,6 +86,7 @@ log = Logger()
 
 DEFAULT_PATH = "zprovd.sqlite3"
 DEFAULT_TIMEOUT = 5.0
+CACHE_SIZE = 200_000  # users and devices each kept in memory, least recently used dropped
 APPLICATION_ID = 0x7A70726F  # "zpro": marks the file as a zprovd database
 OPTIONS = ("path", "timeout")
 
@@ -233,6 +244,16 @@ class SQLiteBackend:
         self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._opened = False
+        # read cache (see the module notes), used from the caller's thread only
+        self._watch: sqlite3.Connection | None = None
+        self._data_version: int | None = None
+        self._users: OrderedDict[str, User | None] = OrderedDict()
+        self._devices: OrderedDict[str, Device | None] = OrderedDict()
+        # coalesced fetch records
+        self._pending_fetches: dict[str, Fetch] = {}
+        self._fetch_waiters: list[Deferred] = []
+        self._idle_waiters: list[Deferred] = []
+        self._flushing = False
 
     def __repr__(self) -> str:
         return f"<SQLiteBackend {self.path}>"
@@ -355,6 +376,8 @@ class SQLiteBackend:
             self._local = threading.local()
             self._opened = True
         self._adopt(db)
+        self._watch = self._connect(create=False)
+        self._forget()
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]  # reads: "not a database"?
@@ -400,10 +423,16 @@ class SQLiteBackend:
             )
 
     def close(self) -> Deferred:
-        """Close every thread's connection."""
-        return self.context.run_blocking(self._close_blocking)
+        """Write the fetches still waiting, then close every thread's connection."""
+        d = self._fetches_written()
+        d.addBoth(lambda _: self.context.run_blocking(self._close_blocking))
+        return d
 
     def _close_blocking(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+        self._forget()
         with self._lock:
             self._opened = False
             holders = list(self._holders)
@@ -418,9 +447,44 @@ class SQLiteBackend:
     # ------------------------------------------------------------------
     # look-ups
 
+    def _forget(self) -> None:
+        self._users.clear()
+        self._devices.clear()
+        self._data_version = None
+
+    def _cache_is_current(self) -> bool:
+        """Whether nothing was committed since the cache was filled (empties it if not)."""
+        if self._watch is None:
+            return False
+        try:
+            version = self._watch.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            self._forget()
+            return False
+        if version != self._data_version:
+            self._forget()
+            self._data_version = version
+            return False
+        return True
+
+    def _cached(self, cache: OrderedDict, key: str, load: Callable[..., Any]) -> Deferred:
+        if self._cache_is_current() and key in cache:
+            cache.move_to_end(key)
+            return succeed(copy.deepcopy(cache[key]))
+        version = self._data_version
+
+        def remember(record):
+            if version is not None and version == self._data_version:
+                cache[key] = copy.deepcopy(record)
+                while len(cache) > CACHE_SIZE:
+                    cache.popitem(last=False)
+            return record
+
+        return self._call(load, key).addCallback(remember)
+
     def get_user(self, login: str) -> Deferred:
         """The user, or None."""
-        return self._call(self._get_user, login)
+        return self._cached(self._users, login, self._get_user)
 
     def _get_user(self, db: sqlite3.Connection, login: str) -> User | None:
         with self._transaction(db, write=False):
@@ -432,7 +496,11 @@ class SQLiteBackend:
 
     def get_device(self, mac: str) -> Deferred:
         """The device (``mac`` in any spelling), or None."""
-        return self._call(self._get_device, mac)
+        try:
+            canonical = normalize_mac(mac)
+        except (InvalidMAC, AttributeError):
+            return succeed(None)
+        return self._cached(self._devices, canonical, self._get_device)
 
     def _get_device(self, db: sqlite3.Connection, mac: str) -> Device | None:
         try:
@@ -626,15 +694,57 @@ class SQLiteBackend:
     # what the daemon learns
 
     def record_fetch(self, mac: str, fetch: Fetch) -> Deferred:
-        """Remember the last fetch of a configured device (ignored for unknown MACs)."""
-        return self._call(self._record_fetch, mac, fetch)
+        """Remember the last fetch of a configured device (ignored for unknown MACs).
 
-    def _record_fetch(self, db: sqlite3.Connection, mac: str, fetch: Fetch) -> None:
+        Coalesced: the Deferred fires once the write that carries this fetch
+        (or a later fetch of the same device) is committed.
+        """
         try:
             mac = normalize_mac(mac)
         except (InvalidMAC, AttributeError):
+            return succeed(None)
+        self._pending_fetches[mac] = fetch
+        waiter: Deferred = Deferred()
+        self._fetch_waiters.append(waiter)
+        self._start_flush()
+        return waiter
+
+    def _start_flush(self) -> None:
+        if self._flushing or not self._pending_fetches:
             return
-        db.execute(_RECORD_FETCH, (fetch.when, fetch.address, fetch.file, mac))
+        batch, self._pending_fetches = self._pending_fetches, {}
+        waiters, self._fetch_waiters = self._fetch_waiters, []
+        self._flushing = True
+
+        def done(result):
+            self._flushing = False
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            self._start_flush()
+            if not self._flushing:
+                idle, self._idle_waiters = self._idle_waiters, []
+                for waiter in idle:
+                    waiter.callback(None)
+
+        self._call(self._record_fetches, batch).addBoth(done)
+
+    def _fetches_written(self) -> Deferred:
+        """Fires when no fetch is waiting or being written."""
+        if not self._flushing and not self._pending_fetches:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._idle_waiters.append(waiter)
+        self._start_flush()
+        return waiter
+
+    def _record_fetches(self, db: sqlite3.Connection, batch: dict[str, Fetch]) -> None:
+        if not batch:
+            return
+        with self._transaction(db, write=True):
+            db.executemany(_RECORD_FETCH, [(f.when, f.address, f.file, mac) for mac, f in batch.items()])
 
     def record_seen(self, seen: SeenDevice) -> Deferred:
         """Add or update a not-yet-configured phone (ignored if the MAC is configured).
