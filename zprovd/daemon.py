@@ -229,7 +229,7 @@ class Daemon(MultiService):
     def _new_dhcp(self, config: Config):
         from zprovd.dhcp.service import DHCPService
 
-        service = DHCPService(config.extra["dhcp"], config.state_dir, reactor=self.reactor)
+        service = DHCPService(config.extra["dhcp"], config.state_dir, reactor=self.reactor, run_blocking=self.run_blocking)
         service.setName("dhcp")
         return service
 

@@ -691,8 +691,14 @@ def test_daemon_lab_flow_option_66_then_the_phone_fetches_its_file(client: Net, 
         fetched = subprocess.run(client.ns_exec(client.client_ns, "curl", "-sS", "-A", "Yealink SIP-T48G 35.83.0.35",
                                                 f"{url}{mac}.cfg"), capture_output=True, text=True, timeout=30)
         assert "lab-sip-secret" in fetched.stdout, fetched.stderr + log_path.read_text()
-        # The admin sees the lease and the reply counters.
-        leases = zprovd("dhcp", "leases")
+        # The admin sees the lease (the daemon writes lease changes within a
+        # second) and the reply counters.
+        deadline = time.monotonic() + 10
+        while True:
+            leases = zprovd("dhcp", "leases")
+            if env["ip"] in leases.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
         assert leases.returncode == 0 and env["ip"] in leases.stdout, leases.stdout + leases.stderr
         metrics = subprocess.run(client.ns_exec(client.server_ns, "curl", "-sS", "http://127.0.0.1:9151/metrics"),
                                  capture_output=True, text=True, timeout=30).stdout

@@ -41,7 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from zprovd.dhcp.config import DHCPConfig
-from zprovd.dhcp.leases import LEASE_FILE_NAME, LeaseDatabase, LeaseFileError
+from zprovd.dhcp.leases import LEASE_FILE_NAME, LeaseDatabase, LeaseFileError, write_atomically
 from zprovd.dhcp.packets import (
     BOOTREPLY,
     BOOTREQUEST,
@@ -196,12 +196,20 @@ class DHCPService(Service):
 
     probe_timeout = 2.0
     expire_interval = 30.0
+    save_delay = 1.0
+    """Lease changes are written at most this long after they happen, several
+    changes in one write, off the reactor: a burst of clients costs one
+    fsync a second, not one per reply."""
 
-    def __init__(self, config: DHCPConfig, state_dir: Path, reactor: Any = None):
+    def __init__(self, config: DHCPConfig, state_dir: Path, reactor: Any = None, run_blocking: Any = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
+        self.run_blocking = run_blocking or defer.maybeDeferred
+        """``run_blocking(f, *args)``: where lease files are written (the daemon's thread pool)."""
+        self._save_call: Any = None
+        self._saving = False
         self.config = config
         self.state_dir = Path(state_dir)
         self.reactor = reactor
@@ -210,9 +218,9 @@ class DHCPService(Service):
         self.responder: Responder | None = None
         self.port: Any = None
         self.stats: Counter[str] = Counter()
-        self.replies_by_type: Counter[str] = Counter()
-        """Replies sent, by message type name (OFFER, ACK, NAK): for /metrics."""
         """received, malformed, replies, ignored, send_errors, save_errors."""
+        self.replies_by_type: Counter[str] = Counter()
+        """Replies sent, by message type name (DHCPOFFER, DHCPACK, ...): for /metrics."""
         self._expiry: LoopingCall | None = None
 
     # Starting and stopping -----------------------------------------------
@@ -306,7 +314,7 @@ class DHCPService(Service):
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
         self._expiry = None
-        self._save()
+        self._save_at_stop()
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
@@ -368,13 +376,51 @@ class DHCPService(Service):
             self._save()
 
     def _save(self) -> None:
+        """Have the lease changes written within ``save_delay`` seconds."""
+        if self.leases is None or not self.leases.dirty:
+            return
+        if self._save_call is None or not self._save_call.active():
+            self._save_call = self.reactor.callLater(self.save_delay, self._save_now)
+
+    def _save_now(self) -> None:
+        self._save_call = None
+        if self.leases is None or not self.leases.dirty or self._saving:
+            return  # a write in flight re-arms when it is done
+        leases = self.leases
+        data = leases.dumps()  # a snapshot, taken on the reactor
+        leases.dirty = False
+        self._saving = True
+
+        def failed(failure):
+            leases.dirty = True  # retried at the next change, or by the next write
+            self.stats["save_errors"] += 1
+            log.error("DHCP: cannot save leases to {path}: {error} (will retry)",
+                      path=str(leases.path), error=_oserror_text(failure.value)
+                      if isinstance(failure.value, OSError) else failure.getErrorMessage())
+
+        def done(_):
+            self._saving = False
+            self._save()
+
+        if leases.path is None:
+            done(None)
+            return
+        d = self.run_blocking(write_atomically, leases.path, data)
+        d.addErrback(failed)
+        d.addBoth(done)
+
+    def _save_at_stop(self) -> None:
+        """The last write, now and in this thread: the process is about to end."""
+        if self._save_call is not None and self._save_call.active():
+            self._save_call.cancel()
+        self._save_call = None
         if self.leases is None or not self.leases.dirty:
             return
         try:
             self.leases.save()
         except OSError as exc:
             self.stats["save_errors"] += 1
-            log.error("DHCP: cannot save leases to {path}: {error} (will retry)",
+            log.error("DHCP: cannot save leases to {path}: {error}",
                       path=str(self.leases.path), error=_oserror_text(exc))
 
 
