@@ -106,12 +106,15 @@ class Catalogue:
 
     def __post_init__(self) -> None:
         self._generic: dict[str, list[tuple[Model, GenericFile]]] = {}
-        self._per_mac: list[tuple[Model, PerMacFile]] = []
+        # Many models share a pattern ("{mac}.cfg"): one regex per distinct
+        # pattern, so routing a name costs a match per pattern, not per model.
+        self._per_mac: dict[str, tuple[re.Pattern, list[tuple[Model, PerMacFile]]]] = {}
         for model in self.models.values():
             for g in model.generic:
                 self._generic.setdefault(g.name.lower(), []).append((model, g))
             for p in model.per_mac:
-                self._per_mac.append((model, p))
+                entry = self._per_mac.setdefault(p.pattern.lower(), (p.regex, []))
+                entry[1].append((model, p))
 
     def get(self, model_id: str) -> Model | None:
         return self.models.get(model_id.lower())
@@ -122,10 +125,11 @@ class Catalogue:
     def per_mac_candidates(self, name: str) -> list[tuple[Model, PerMacFile, str]]:
         """(model, file, canonical MAC) for every per-MAC pattern the name fits."""
         found = []
-        for model, pm in self._per_mac:
-            mac = pm.match(name)
-            if mac is not None:
-                found.append((model, pm, mac))
+        for regex, users in self._per_mac.values():
+            m = regex.fullmatch(name)
+            if m is not None:
+                mac = normalize_mac(m.group("mac"))
+                found.extend((model, pm, mac) for model, pm in users)
         return found
 
     def match_user_agent(self, user_agent: str, among: Iterable[Model] | None = None) -> Model | None:

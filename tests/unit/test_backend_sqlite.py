@@ -28,6 +28,7 @@ from zprovd.backends import (
 )
 from zprovd.backends import sqlite as sqlite_backend
 from zprovd.backends.sqlite import SQLiteBackend, schema_version
+from zprovd.passwords import hash_password
 
 
 def result_of(d: Deferred) -> Any:
@@ -137,24 +138,25 @@ def test_migrates_an_empty_file(tmp_path: Path) -> None:
     path.write_bytes(b"")
     backend = opened(tmp_path)
     db = raw(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 2
     assert db.execute("PRAGMA application_id").fetchone()[0] == sqlite_backend.APPLICATION_ID
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"users", "accounts", "devices", "device_users", "seen"}
+    assert tables == {"users", "accounts", "devices", "device_users", "seen", "generation"}
     result_of(backend.close())
     opened(tmp_path)  # opening again changes nothing
 
 
-def test_version_2_is_one_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_next_version_is_one_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result_of(opened(tmp_path).close())
 
-    def migrate_to_2(db: sqlite3.Connection) -> None:
+    def migrate_next(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT ''")
 
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", [*sqlite_backend.MIGRATIONS, migrate_to_2])
+    current = schema_version()
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", [*sqlite_backend.MIGRATIONS, migrate_next])
     backend = opened(tmp_path)
     db = raw(backend.path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == current + 1
     assert "email" in [row[1] for row in db.execute("PRAGMA table_info(users)")]
 
 
@@ -169,7 +171,7 @@ def test_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     message = open_error(make(tmp_path))
     assert "syntax error" in message
     db = raw(make(tmp_path).path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() - 1
     assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='half'").fetchone()[0] == 0
 
 
@@ -179,7 +181,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     raw(backend.path).execute("PRAGMA user_version = 7")
     assert open_error(backend) == (
         f"{backend.path}: cannot open database: its schema version 7 is newer than this "
-        "zprovd knows (1); upgrade zprovd or use another file"
+        f"zprovd knows ({schema_version()}); upgrade zprovd or use another file"
     )
 
 
@@ -414,3 +416,18 @@ def test_thread_pool(tmp_path: Path, pool: ThreadPool) -> Any:
     assert len(backend._holders) > 1  # one connection per thread
     yield backend.close()
     assert len(backend._holders) == 0
+
+
+def test_a_version_1_file_is_migrated_keeping_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:1])
+    old = opened(tmp_path)
+    result_of(old.save_user(User("keep", hash_password("pw", iterations=1), "Keep", [SipAccount("1", "s", "d")])))
+    result_of(old.close())
+    monkeypatch.undo()
+    backend = opened(tmp_path)
+    assert result_of(backend.get_user("keep")).display_name == "Keep"
+    db = raw(backend.path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    before = db.execute("SELECT value FROM generation").fetchone()[0]
+    result_of(backend.save_user(User("new", hash_password("pw", iterations=1))))
+    assert db.execute("SELECT value FROM generation").fetchone()[0] > before

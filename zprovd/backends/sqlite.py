@@ -23,12 +23,13 @@ Design notes:
   writes; ``synchronous=NORMAL`` is the usual WAL setting (a power cut may
   lose the last commit, never corrupt the file).
 * **Read cache.**  ``get_user``/``get_device`` answer from memory while
-  ``PRAGMA data_version`` (on a connection owned by the caller's thread) is
-  unchanged: SQLite changes it on every commit by any other connection, the
-  CLI's included, and in WAL mode reads it from the shared-memory index,
-  without disk I/O.  The first look-up after any commit goes to the
-  database, so a change made by another process is still seen on the next
-  look-up.  Look-ups are primary key or index look-ups; the statement texts
+  no user or device changed.  ``PRAGMA data_version`` (on a connection of
+  the caller's thread; in WAL mode read from shared memory, no disk I/O)
+  moves on every commit by any other connection, the CLI's included; only
+  then is the ``generation`` row read, which triggers bump on every change
+  to users, accounts, devices and device_users, but not on fetch or seen
+  records.  So a change made by another process is seen on the next
+  look-up, and the daemon's own bookkeeping does not empty the cache.  Look-ups are primary key or index look-ups; the statement texts
   are constant, so the sqlite3 module's statement cache keeps them prepared.
 * **Fetch records** are coalesced: ``record_fetch`` keeps the latest fetch
   per MAC in memory and at most one write of the waiting ones is in flight,
@@ -56,6 +57,7 @@ import json
 import os
 import sqlite3
 import copy
+import dataclasses
 import threading
 import urllib.parse
 import weakref
@@ -145,7 +147,21 @@ def _migrate_to_1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+def _migrate_to_2(db: sqlite3.Connection) -> None:
+    """A generation counter that every change to users, accounts, devices
+    (their model and vars) and device_users bumps, through triggers; fetch
+    and seen records leave it alone.  The daemon's read cache keys on it."""
+    db.execute("CREATE TABLE generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)")
+    db.execute("INSERT INTO generation (id, value) VALUES (1, 0)")
+    bump = "BEGIN UPDATE generation SET value = value + 1 WHERE id = 1; END"
+    for table in ("users", "accounts", "device_users", "devices"):
+        db.execute(f"CREATE TRIGGER {table}_inserted AFTER INSERT ON {table} {bump}")
+        db.execute(f"CREATE TRIGGER {table}_deleted AFTER DELETE ON {table} {bump}")
+        columns = " OF model, vars, mac" if table == "devices" else ""
+        db.execute(f"CREATE TRIGGER {table}_updated AFTER UPDATE{columns} ON {table} {bump}")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
 """``MIGRATIONS[i]`` upgrades version ``i`` to ``i + 1`` (inside a transaction)."""
 
 
@@ -157,6 +173,7 @@ def schema_version() -> int:
 # --------------------------------------------------------------------------
 # Statements (constant texts: the sqlite3 statement cache keeps them prepared).
 
+_GET_GENERATION = "SELECT value FROM generation WHERE id = 1"
 _GET_USER = "SELECT login, password_hash, display_name, vars FROM users WHERE login = ?"
 _GET_ACCOUNTS = (
     "SELECT sip_user, sip_password, sip_domain, sip_auth_user, display_name "
@@ -247,6 +264,7 @@ class SQLiteBackend:
         # read cache (see the module notes), used from the caller's thread only
         self._watch: sqlite3.Connection | None = None
         self._data_version: int | None = None
+        self._generation: int | None = None
         self._users: OrderedDict[str, User | None] = OrderedDict()
         self._devices: OrderedDict[str, Device | None] = OrderedDict()
         # coalesced fetch records
@@ -451,31 +469,43 @@ class SQLiteBackend:
         self._users.clear()
         self._devices.clear()
         self._data_version = None
+        self._generation = None
 
     def _cache_is_current(self) -> bool:
-        """Whether nothing was committed since the cache was filled (empties it if not)."""
+        """Whether no user or device changed since the cache was filled (empties it if one did).
+
+        ``PRAGMA data_version`` (shared memory, no disk I/O) says whether any
+        other connection committed; only then is the one-row generation read,
+        which moves for users and devices but not for fetch or seen records,
+        so the daemon's own bookkeeping does not empty the cache.
+        """
         if self._watch is None:
             return False
         try:
             version = self._watch.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return True
+            generation = self._watch.execute(_GET_GENERATION).fetchone()[0]
         except sqlite3.Error:
             self._forget()
             return False
-        if version != self._data_version:
-            self._forget()
-            self._data_version = version
+        self._data_version = version
+        if generation != self._generation:
+            self._users.clear()
+            self._devices.clear()
+            self._generation = generation
             return False
         return True
 
     def _cached(self, cache: OrderedDict, key: str, load: Callable[..., Any]) -> Deferred:
         if self._cache_is_current() and key in cache:
             cache.move_to_end(key)
-            return succeed(copy.deepcopy(cache[key]))
-        version = self._data_version
+            return succeed(_copy(cache[key]))
+        generation = self._generation
 
         def remember(record):
-            if version is not None and version == self._data_version:
-                cache[key] = copy.deepcopy(record)
+            if generation is not None and generation == self._generation:
+                cache[key] = _copy(record)
                 while len(cache) > CACHE_SIZE:
                     cache.popitem(last=False)
             return record
@@ -704,6 +734,9 @@ class SQLiteBackend:
         except (InvalidMAC, AttributeError):
             return succeed(None)
         self._pending_fetches[mac] = fetch
+        cached = self._devices.get(mac)
+        if cached is not None:  # fetch writes leave the generation alone: keep the copy true
+            cached.last_fetch = copy.copy(fetch)
         waiter: Deferred = Deferred()
         self._fetch_waiters.append(waiter)
         self._start_flush()
@@ -771,6 +804,21 @@ class SQLiteBackend:
 
     def _list_seen(self, db: sqlite3.Connection) -> list[SeenDevice]:
         return [SeenDevice(*row) for row in db.execute(_LIST_SEEN)]
+
+
+def _copy(record: User | Device | None) -> User | Device | None:
+    """A copy callers may change freely (cheaper than deepcopy: the fields are
+    strings, numbers, small lists and JSON dicts of plain values)."""
+    if record is None:
+        return None
+    if isinstance(record, User):
+        return dataclasses.replace(
+            record, accounts=[dataclasses.replace(a) for a in record.accounts], vars=copy.deepcopy(record.vars)
+        )
+    return dataclasses.replace(
+        record, users=list(record.users), vars=copy.deepcopy(record.vars),
+        last_fetch=dataclasses.replace(record.last_fetch) if record.last_fetch else None,
+    )
 
 
 def _describe(exc: sqlite3.Error) -> str:
