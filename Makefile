@@ -54,6 +54,11 @@ peers:
 test: $(VENV)/.installed peers
 	$(PY) -m pytest -q
 
+# Benchmarks against nginx, tftpd-hpa, atftpd and dnsmasq (bench/README.md);
+# not part of `make test`.  Installs its own tools; needs root.
+bench: $(VENV)/.installed
+	$(SUDO) $(PY) bench/run.py
+
 # Bounded fuzzing of the parsers (fuzz/README.md): atheris if it installs, else hypothesis.
 FUZZ_SECONDS ?= 180
 fuzz: $(VENV)/.installed
