@@ -109,3 +109,11 @@ def test_default_config_path_comes_from_the_environment(config, tmp_path):
     env["ZPROVD_CONFIG"] = str(tmp_path / "missing.toml")
     r = subprocess.run([sys.executable, "-m", "zprovd", "user", "list"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and f"{tmp_path / 'missing.toml'}: cannot read configuration" in r.stderr
+
+
+def test_dhcp_commands_through_the_cli(config):
+    r = run_cli(config, "dhcp", "probe", "--interface", "zpt-no-such-if0", "--timeout", "1")
+    assert r.returncode == 2
+    assert "zpt-no-such-if0" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    r = run_cli(config, "dhcp", "leases")
+    assert r.returncode == 0 and "no DHCP leases" in r.stdout
