@@ -57,7 +57,7 @@ test: $(VENV)/.installed peers
 # Benchmarks against nginx, tftpd-hpa, atftpd and dnsmasq (bench/README.md);
 # not part of `make test`.  Installs its own tools; needs root.
 bench: $(VENV)/.installed
-	$(SUDO) $(PY) bench/run.py
+	$(SUDO) $(PY) bench/run.py $(BENCH_ARGS)     # make bench BENCH_ARGS=--quick: about 3 minutes
 
 # Bounded fuzzing of the parsers (fuzz/README.md): atheris if it installs, else hypothesis.
 FUZZ_SECONDS ?= 180
