@@ -33,7 +33,7 @@ from zprovd.catalogue import Catalogue, bundled_templates_dir, load_catalogue
 from zprovd.config import Config, ConfigError, default_config_path, load_config
 from zprovd.context import RequestInfo
 from zprovd.mac import InvalidMAC, format_mac, normalize_mac
-from zprovd.renderer import Renderer, RenderError
+from zprovd.renderer import Renderer
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from zprovd import passwords
 from zprovd.backends import Backend, Device, Fetch, SeenDevice, User
-from zprovd.catalogue import Catalogue, Model
+from zprovd.catalogue import Catalogue
 from zprovd.config import Config
 from zprovd.context import RequestInfo, device_context, generic_context, zoiper_context
 from zprovd.firmware import FirmwareFolder

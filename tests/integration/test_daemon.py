@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import signal
 import socket
-import subprocess
 from urllib.parse import quote
 
 import pytest

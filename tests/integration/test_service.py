@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, curl, free_config, run_cli
+from conftest import ROOT, Daemon, free_config, run_cli
 
 pytestmark = pytest.mark.integration
 

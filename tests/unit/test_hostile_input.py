@@ -26,7 +26,7 @@ import string
 import tempfile
 from ipaddress import IPv4Address
 from pathlib import Path
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st

@@ -1,7 +1,6 @@
 """Routing: path prefixes, MAC spellings, generic-before-per-MAC, hostile paths."""
 
 import base64
-from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
