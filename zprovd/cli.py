@@ -127,7 +127,7 @@ def cmd_run(s: Session, args) -> int:
     from twisted.internet import reactor
 
     from zprovd.daemon import Daemon, StartupError
-    from zprovd.logs import start_logging
+    from zprovd.logs import buffer_lines, start_logging
 
     start_logging(s.config.log.format)
     daemon = Daemon(s.config, reactor)
@@ -147,6 +147,7 @@ def cmd_run(s: Session, args) -> int:
         status[0] = EXIT_FAIL
         reactor.stop()
 
+    reactor.callWhenRunning(buffer_lines, reactor)
     reactor.callWhenRunning(lambda: daemon.start().addCallbacks(started, failed))
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
     reactor.run()

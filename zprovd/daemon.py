@@ -69,9 +69,11 @@ def check_templates(catalogue: Catalogue, renderer: Renderer) -> list[str]:
     return [p for p in (renderer.check(n) for n in sorted(names)) if p]
 
 
-def build_components(config: Config, run_blocking) -> tuple[Any, Catalogue, Renderer]:
+def build_components(config: Config, run_blocking, call_later=None) -> tuple[Any, Catalogue, Renderer]:
     """The backend (not yet opened), catalogue and renderer a config describes."""
-    context = BackendContext(config.state_dir, config.path.resolve().parent, run_blocking, config.provisioning.server)
+    context = BackendContext(
+        config.state_dir, config.path.resolve().parent, run_blocking, config.provisioning.server, call_later,
+    )
     try:
         backend = create_backend(config.backend.type, config.backend.options, context)
     except BackendError as exc:
@@ -113,6 +115,7 @@ class Daemon(MultiService):
         self._metrics_site = Site(metrics_site_root(self.metrics, self._health), reactor)
         self.metrics.tftp_stats = self._tftp_stats
         self.metrics.dhcp_stats = self._dhcp_stats
+        self.metrics.document_stats = self._document_stats
 
     # -- helpers ---------------------------------------------------------------
 
@@ -130,6 +133,12 @@ class Daemon(MultiService):
 
     def _dhcp_stats(self) -> dict[str, int] | None:
         return dict(self.dhcp.replies_by_type) if self.dhcp is not None else None
+
+    def _document_stats(self) -> dict[str, int] | None:
+        if self.provisioner is None:
+            return None
+        documents = self.provisioner.documents
+        return {"hits": documents.hits, "misses": documents.misses, "bytes": documents.size}
 
     def _health(self):
         return self.current_provisioner().backend.get_user("zprovd-health-check")
@@ -161,9 +170,9 @@ class Daemon(MultiService):
         reuse = self.backend is not None and config.backend == self.config.backend
         if reuse:
             backend = self.backend
-            _, catalogue, renderer = build_components(config, self.run_blocking)
+            _, catalogue, renderer = build_components(config, self.run_blocking, self.reactor.callLater)
         else:
-            backend, catalogue, renderer = build_components(config, self.run_blocking)
+            backend, catalogue, renderer = build_components(config, self.run_blocking, self.reactor.callLater)
             try:
                 yield backend.open()
             except BackendError as exc:

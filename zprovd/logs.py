@@ -1,61 +1,140 @@
-"""Logging to stderr, as text or JSON lines (journald adds the rest)."""
+"""Logging to stderr, as text or JSON lines (journald adds the rest).
+
+Every line goes through one ``LineWriter``.  Outside the daemon it writes
+each line at once.  In the daemon (``buffer_lines``) info lines are
+gathered and written every ``FLUSH_SECONDS`` or ``FLUSH_BYTES``, whichever
+comes first, and at exit; a warning or an error writes everything waiting,
+then itself, at once, so the order of lines is kept.
+
+``access(text)`` writes one access-log line (namespace ``zprovd.access``,
+level info) directly, without twisted.logger's per-event work: formatting
+an event costs more than answering a request from the document cache.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
+from twisted.internet import task
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    Logger,
     formatEvent,
     globalLogBeginner,
 )
 
+FLUSH_SECONDS = 0.2
+FLUSH_BYTES = 64 * 1024
+ACCESS_NAMESPACE = "zprovd.access"
 
-def _text_observer(stream: IO[str]):
+
+def _one_line(text: str) -> str:
+    # One event, one line: a line break in a logged value (a TFTP file name,
+    # a login) must not forge a line that fail2ban would read.
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class LineWriter:
+    def __init__(self, stream: IO[str], format: str):
+        self.stream = stream
+        self.json = format == "json"
+        self.buffering = False
+        self._pending: list[str] = []
+        self._pending_size = 0
+        self._second = -1
+        self._stamp = ""
+
+    def line(self, when: float, level: LogLevel, namespace: str, text: str, traceback: str | None = None) -> None:
+        if self.json:
+            record: dict[str, Any] = {"time": when, "level": level.name, "namespace": namespace, "message": text}
+            if traceback is not None:
+                record["traceback"] = traceback
+            out = json.dumps(record, default=str) + "\n"
+        else:
+            second = int(when)
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+            out = f"{self._stamp} {level.name:<5} [{namespace}] {_one_line(text)}\n"
+            if traceback is not None:
+                out += traceback.rstrip("\n") + "\n"
+        if self.buffering and level < LogLevel.warn:
+            self._pending.append(out)
+            self._pending_size += len(out)
+            if self._pending_size >= FLUSH_BYTES:
+                self.flush()
+            return
+        self._pending.append(out)
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr gone (closed pipe): nothing to tell it
+            pass
+
+
+_writer: LineWriter | None = None
+_access_enabled = True
+_access_logger = Logger(namespace=ACCESS_NAMESPACE)
+
+
+def _observer(writer: LineWriter):
     def observe(event: dict) -> None:
-        # One event, one line: a line break in a logged value (a TFTP file
-        # name, a login) must not forge a line that fail2ban would read.
-        text = formatEvent(event).replace("\r", "\\r").replace("\n", "\\n")
         failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("log_time", time.time())))
-        level = event.get("log_level", LogLevel.info).name
-        namespace = event.get("log_namespace", "-")
-        stream.write(f"{stamp} {level:<5} [{namespace}] {text}\n")
-        stream.flush()
-
-    return observe
-
-
-def _json_observer(stream: IO[str]):
-    def observe(event: dict) -> None:
-        record = {
-            "time": event.get("log_time"),
-            "level": event.get("log_level", LogLevel.info).name,
-            "namespace": event.get("log_namespace", "-"),
-            "message": formatEvent(event),
-        }
-        failure = event.get("log_failure")
-        if failure is not None:
-            record["traceback"] = failure.getTraceback()
-        stream.write(json.dumps(record, default=str) + "\n")
-        stream.flush()
+        writer.line(
+            event.get("log_time") or time.time(),
+            event.get("log_level", LogLevel.info),
+            event.get("log_namespace", "-"),
+            formatEvent(event),
+            failure.getTraceback() if failure is not None else None,
+        )
 
     return observe
 
 
 def start_logging(format: str = "text", level: LogLevel = LogLevel.info, stream: IO[str] | None = None) -> None:
-    stream = stream or sys.stderr
-    observer = _json_observer(stream) if format == "json" else _text_observer(stream)
+    global _writer, _access_enabled
+    _writer = LineWriter(stream or sys.stderr, format)
+    _access_enabled = level <= LogLevel.info
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     # Twisted's own chatter ("Site starting on 80", "Main loop terminated")
     # says nothing an operator needs; its warnings and errors still show.
     for namespace in ("log_legacy", "twisted"):
         predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(_observer(_writer), [predicate])], redirectStandardIO=False)
+
+
+def buffer_lines(reactor: Any) -> task.LoopingCall | None:
+    """From now on gather info lines and write them every FLUSH_SECONDS (the daemon)."""
+    writer = _writer
+    if writer is None:
+        return None
+    writer.buffering = True
+    atexit.register(writer.flush)
+    reactor.addSystemEventTrigger("after", "shutdown", writer.flush)
+    flusher = task.LoopingCall(writer.flush)
+    flusher.clock = reactor
+    flusher.start(FLUSH_SECONDS, now=False)
+    return flusher
+
+
+def access(text: str) -> None:
+    """One access-log line (already free of secrets)."""
+    writer = _writer
+    if writer is None:  # logging not started here (library use, tests): the usual way
+        _access_logger.info("{line}", line=text)
+    elif _access_enabled:
+        writer.line(time.time(), LogLevel.info, ACCESS_NAMESPACE, text)

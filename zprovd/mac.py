@@ -31,6 +31,8 @@ class InvalidMAC(ValueError):
 def normalize_mac(text: str) -> str:
     """Return the canonical form (12 lowercase hex digits) or raise InvalidMAC."""
     candidate = text.strip()
+    if _HEX12.fullmatch(candidate):
+        return candidate.lower()
     if (
         _HEX12.fullmatch(candidate)
         or _SEPARATED.fullmatch(candidate)

@@ -31,6 +31,17 @@ class _ServiceCollector:
             yield CounterMetricFamily(
                 "zprovd_tftp_retransmissions", "TFTP datagrams sent again after a timeout", value=tftp.get("retransmissions", 0)
             )
+        documents = self.metrics.document_stats() if self.metrics.document_stats else None
+        if documents is not None:
+            yield CounterMetricFamily(
+                "zprovd_document_cache_hits", "Requests answered from the rendered-document cache (since the last reload)",
+                value=documents["hits"],
+            )
+            yield CounterMetricFamily(
+                "zprovd_document_cache_misses", "Requests that needed a look-up and a render (since the last reload)",
+                value=documents["misses"],
+            )
+            yield GaugeMetricFamily("zprovd_document_cache_bytes", "Bytes of rendered documents kept", value=documents["bytes"])
         dhcp = self.metrics.dhcp_stats() if self.metrics.dhcp_stats else None
         if dhcp is not None:
             family = CounterMetricFamily("zprovd_dhcp_replies", "DHCP replies sent, by message type", labels=["type"])
@@ -52,14 +63,22 @@ class Metrics:
             "zprovd_backend_lookup_seconds", "Backend look-up latency", ["operation"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.backend_errors = Counter("zprovd_backend_errors", "Failed backend look-ups", ["operation"], registry=r)
+        self._answered: dict[tuple[str, int], tuple[Counter, Counter]] = {}
         self.tftp_stats: Callable[[], dict[str, int]] | None = None
         self.dhcp_stats: Callable[[], dict[str, int]] | None = None
+        self.document_stats: Callable[[], dict[str, int]] | None = None
         r.register(_ServiceCollector(self))
 
     def answered(self, protocol: str, status: int, size: int) -> None:
-        self.requests.labels(protocol, str(status)).inc()
+        children = self._answered.get((protocol, status))
+        if children is None:  # resolving labels costs more than counting: once per pair
+            label = str(status)
+            children = self._answered[(protocol, status)] = (
+                self.requests.labels(protocol, label), self.response_bytes.labels(protocol, label),
+            )
+        children[0].inc()
         if size:
-            self.response_bytes.labels(protocol, str(status)).inc(size)
+            children[1].inc(size)
 
     def timed_lookup(self, d: Deferred, operation: str, started: float, clock: Callable[[], float]) -> Deferred:
         """Observe a backend Deferred's latency and failures; returns it unchanged."""

@@ -123,6 +123,10 @@ class ScanDetector:
         return False
 
 
+KNOWN_VERDICTS = 100_000
+"""Address verdicts remembered (the configuration is fixed for a Policy's life)."""
+
+
 @dataclass
 class Policy:
     access: AccessConfig
@@ -132,16 +136,26 @@ class Policy:
         p = self.access.per_mac
         self.shared = Credentials.from_password(p.http_user, p.http_password) if p.http_user else None
         self.scans = ScanDetector(self.access.scan)
+        self._verdicts: dict[tuple[str, str, str], Refusal | None] = {}
 
     def group(self, name: str) -> GroupAccess:
         return getattr(self.access, name)
 
     def address_refusal(self, group: str, protocol: str, client: str) -> Refusal | None:
+        key = (group, protocol, client)
+        try:
+            return self._verdicts[key]  # parsing the address costs more than the request
+        except KeyError:
+            pass
         g = self.group(group)
         allowed = g.tftp_allow if protocol == "tftp" else g.allow
+        verdict = None
         if not in_networks(client, allowed):
-            return Refusal(403, f"address not allowed for {group.replace('_', '-')} files over {protocol}")
-        return None
+            verdict = Refusal(403, f"address not allowed for {group.replace('_', '-')} files over {protocol}")
+        if len(self._verdicts) >= KNOWN_VERDICTS:
+            self._verdicts.clear()
+        self._verdicts[key] = verdict
+        return verdict
 
     def url_key_refusal(self, prefix: tuple[str, ...], device: Device | None) -> Refusal | None:
         keys = [k for k in (self.access.per_mac.url_key, device.vars.get(DEVICE_URL_KEY) if device else "") if k]

@@ -4,6 +4,13 @@
 user (backend look-ups, off the reactor), records what it learned (a phone
 seen, a file fetched), renders the template and returns a ``Response``.  The
 protocol layers only turn the Response into bytes on their wire.
+
+A document rendered once is kept (``zprovd.documentcache``) while the
+backend and the templates are unchanged: a phone fetching its file again,
+or a Zoiper logging in again with a password that already verified, is
+answered at once, with the same access checks, without a look-up or a
+render.  ``answer(request)`` then returns the Response itself instead of a
+Deferred, which saves the HTTP layer the Deferred machinery.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from zprovd import passwords
@@ -24,10 +32,11 @@ from zprovd.backends import Backend, Device, Fetch, SeenDevice, User
 from zprovd.catalogue import Catalogue
 from zprovd.config import Config
 from zprovd.context import RequestInfo, device_context, generic_context, zoiper_context
+from zprovd.documentcache import Document, DocumentCache
 from zprovd.firmware import FirmwareFolder
 from zprovd.metrics import Metrics
 from zprovd.policy import Policy, Refusal
-from zprovd.renderer import Renderer, RenderError
+from zprovd.renderer import Dependencies, Renderer, RenderError
 from zprovd.routing import (
     BadRequest,
     FirmwareRoute,
@@ -73,6 +82,10 @@ def _parse_version(text: str) -> tuple[int, ...] | None:
         return None
     return parts if parts else None
 
+
+FETCH_RESOLUTION = 10.0
+"""Seconds within which a repeated identical fetch is not recorded again."""
+RECORDED_FETCHES = 200_000
 
 GROUPS = {ZoiperRoute: "zoiper", GenericRoute: "generic", PerMacRoute: "per_mac", FirmwareRoute: "firmware"}
 
@@ -140,36 +153,50 @@ class Provisioner:
         self._dummy_hash = passwords.hash_password(os.urandom(16).hex())
         self.policy = Policy(config.access)
         self._unique = itertools.count()
+        self.documents = DocumentCache(renderer.is_current)
+        self._recorded: dict[str, tuple[float, str, str]] = {}
+        self._generation: Callable[[], Any] = getattr(backend, "generation", None) or (lambda: None)
 
     # ------------------------------------------------------------------
 
     def handle(self, request: Request) -> Deferred:
         """Answer one request; the Deferred fires with a Response, never fails."""
+        answer = self.answer(request)
+        return _done(answer) if isinstance(answer, Response) else answer
+
+    def answer(self, request: Request) -> Response | Deferred:
+        """Answer one request: the Response when it is known at once, else a
+        Deferred that fires with it.  Never raises, never fails."""
+        try:
+            answer = self._answer(request)
+        except Exception:
+            return self._unexpected(Failure(), request)
+        if isinstance(answer, Deferred):
+            answer.addErrback(self._unexpected, request)
+        return answer
+
+    def _answer(self, request: Request) -> Response | Deferred:
         if self.policy.scans.banned_for(request.client, self.clock()) > 0:
-            return _done(_text(403, "Forbidden", reason="scanning"))
+            return _text(403, "Forbidden", reason="scanning")
         route = self.router.route(request)
-        info = RequestInfo(request.protocol, request.host, request.client, request.user_agent)
         if isinstance(route, BadRequest):
-            return _done(_text(400, "Bad request", reason=route.reason))
+            return _text(400, "Bad request", reason=route.reason)
         if isinstance(route, NotFound):
-            return _done(_text(404, "Not found", reason="no such file"))
+            return _text(404, "Not found", reason="no such file")
         refusal = self.policy.address_refusal(GROUPS[type(route)], request.protocol, request.client)
         if refusal is not None:
             who = route.mac if isinstance(route, PerMacRoute) else getattr(route, "login", None) or "-"
-            return _done(self._refuse(refusal, request, who, ""))
+            return self._refuse(refusal, request, who, "")
+        if isinstance(route, PerMacRoute):
+            return self._per_mac(route, request)
         if isinstance(route, ZoiperRoute):
-            d = self._zoiper(route, request, info)
-        elif isinstance(route, GenericRoute):
-            d = _done(self._generic(route, info))
-        elif isinstance(route, PerMacRoute):
-            d = self._per_mac(route, request, info)
-        elif isinstance(route, FirmwareRoute):
+            return self._zoiper(route, request)
+        if isinstance(route, GenericRoute):
+            return self._generic(route, request)
+        if isinstance(route, FirmwareRoute):
             assert self.firmware is not None
-            d = _done(Response(200, file=self.firmware.path(route.name), content_type="application/octet-stream", reason="firmware"))
-        else:  # pragma: no cover - the union is exhaustive
-            raise AssertionError(route)
-        d.addErrback(self._unexpected, request)
-        return d
+            return Response(200, file=self.firmware.path(route.name), content_type="application/octet-stream", reason="firmware")
+        raise AssertionError(route)  # pragma: no cover - the union is exhaustive
 
     def _miss(self, client: str, key: str) -> None:
         """A miss towards scan detection (an unknown MAC, failed credentials)."""
@@ -192,38 +219,85 @@ class Provisioner:
 
     # -- desk phones ----------------------------------------------------
 
-    def _generic(self, route: GenericRoute, info: RequestInfo) -> Response:
-        ctx = generic_context(self.config.provisioning, route.model, route.name, info)
-        return self._render(route.file.template, ctx, who=route.model.id, reason=f"generic {route.model.id}")
+    def _generic(self, route: GenericRoute, request: Request) -> Response:
+        who = route.model.id
+        key = (route.name, who, *_info_key(request))
+        document = self.documents.get(key, _NO_RECORDS)
+        if document is not None:
+            return Response(200, document.body, document.content_type, who=who, reason=document.reason)
+        ctx = generic_context(self.config.provisioning, route.model, route.name, _info(request))
+        response, templates = self._render(route.file.template, ctx, who=who, reason=f"generic {who}")
+        if response.status == 200:
+            self.documents.put(key, Document(_NO_RECORDS, templates, None, response.body, response.content_type, response.reason))
+        return response
 
-    def _timed_render(self, kind: str, template: str, ctx: dict[str, Any]) -> bytes:
+    def _timed_render(self, kind: str, template: str, ctx: dict[str, Any]) -> tuple[bytes, Dependencies]:
         started = time.perf_counter()
-        body = self.renderer.render(template, ctx)
+        rendered = self.renderer.render_tracked(template, ctx)
         if self.metrics is not None:
             self.metrics.render_seconds.labels(kind).observe(time.perf_counter() - started)
-        return body
+        return rendered
 
-    def _render(self, template: str, ctx: dict[str, Any], who: str, reason: str) -> Response:
+    def _render(self, template: str, ctx: dict[str, Any], who: str, reason: str) -> tuple[Response, Dependencies]:
         try:
-            body = self._timed_render("desk", template, ctx)
+            body, templates = self._timed_render("desk", template, ctx)
         except RenderError as exc:
             log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
-            return _text(500, "Internal error", who=who, reason="template error")
+            return _text(500, "Internal error", who=who, reason="template error"), ()
         content_type = XML if self.renderer.is_xml(template) else TEXT
-        return Response(200, body, content_type, who=who, reason=reason)
+        return Response(200, body, content_type, who=who, reason=reason), templates
+
+    def _per_mac(self, route: PerMacRoute, request: Request) -> Response | Deferred:
+        mac = route.mac
+        refusal = self.policy.url_key_refusal(route.prefix, None)
+        if refusal is not None:
+            return self._refuse(refusal, request, mac, "key:" + mac)
+        key = (route.name, mac, *_info_key(request))
+        generation = self._generation()
+        document = self.documents.get(key, generation)
+        if document is None:
+            return self._per_mac_lookup(route, request, _info(request), key, generation)
+        refusal = self._device_refusal(route, request, document.record, self.clock())
+        if refusal is not None:
+            return refusal
+        return self._deliver(route, request, document.record.mac, Response(
+            200, document.body, document.content_type, who=mac, reason=document.reason,
+        ))
+
+    def _device_refusal(self, route: PerMacRoute, request: Request, device: Device, now: float) -> Response | None:
+        policy = self.policy
+        refusal = (
+            policy.url_key_refusal(route.prefix, device)
+            or policy.auth_refusal(request.protocol, request.method, request.authorization, device, now)
+            or policy.certificate_refusal(request.protocol, route.mac, request.certificate_macs)
+        )
+        if refusal is None:
+            return None
+        if refusal.status != 401 or refusal.miss:
+            log.warn("refused {file} to {client}: {reason}", file=route.name, client=request.client, reason=refusal.reason)
+        return self._refuse(refusal, request, route.mac, "")
+
+    def _deliver(self, route: PerMacRoute, request: Request, mac: str, response: Response) -> Response:
+        """Record the fetch (like relatime: a repeat of the same file to the
+        same address within FETCH_RESOLUTION seconds is not written again)."""
+        now = self.clock()
+        last = self._recorded.get(mac)
+        if last is None or now - last[0] >= FETCH_RESOLUTION or last[1] != request.client or last[2] != route.name:
+            if len(self._recorded) >= RECORDED_FETCHES:
+                self._recorded.clear()
+            self._recorded[mac] = (now, request.client, route.name)
+            self._background(self.backend.record_fetch(mac, Fetch(now, request.client, route.name)), "recording a fetch")
+        return response
 
     @inlineCallbacks
-    def _per_mac(self, route: PerMacRoute, request: Request, info: RequestInfo):
+    def _per_mac_lookup(self, route: PerMacRoute, request: Request, info: RequestInfo, key: Any, generation: Any):
         mac = route.mac
         policy = self.policy
-        refusal = policy.url_key_refusal(route.prefix, None)
-        if refusal is not None:
-            returnValue(self._refuse(refusal, request, mac, "key:" + mac))
         try:
             device = yield self._lookup("get_device", mac)
         except Exception as exc:
             log.error("backend failed looking up {mac}: {error}", mac=mac, error=exc)
-            returnValue(_text(503, "Service unavailable", who=mac, reason="backend unavailable"))
+            return _text(503, "Service unavailable", who=mac, reason="backend unavailable")
         now = self.clock()
         if device is None:
             guess = self.catalogue.guess_model(route.name, request.user_agent, mac)
@@ -238,42 +312,36 @@ class Provisioner:
             # known one: a scanner cannot tell which MACs exist.
             refusal = policy.auth_refusal(request.protocol, request.method, request.authorization, None, now)
             if refusal is not None and not refusal.miss:
-                returnValue(self._refuse(refusal, request, mac, ""))
-            returnValue(_text(404, "Not found", who=mac, reason="unknown MAC"))
-        refusal = (
-            policy.url_key_refusal(route.prefix, device)
-            or policy.auth_refusal(request.protocol, request.method, request.authorization, device, now)
-            or policy.certificate_refusal(request.protocol, mac, request.certificate_macs)
-        )
-        if refusal is not None:
-            if refusal.status != 401 or refusal.miss:
-                log.warn("refused {file} to {client}: {reason}", file=route.name, client=request.client, reason=refusal.reason)
-            returnValue(self._refuse(refusal, request, mac, ""))
+                return self._refuse(refusal, request, mac, "")
+            return _text(404, "Not found", who=mac, reason="unknown MAC")
+        refused = self._device_refusal(route, request, device, now)
+        if refused is not None:
+            return refused
         model = self.catalogue.get(device.model)
         if model is None:
             log.warn("device {mac} has model {model}, which is not in the catalogue", mac=mac, model=device.model)
-            returnValue(_text(404, "Not found", who=mac, reason="unknown model"))
+            return _text(404, "Not found", who=mac, reason="unknown model")
         pm = route.file_for(model.id)
         if pm is None:
             log.info(
                 "device {mac} is a {model}, whose files are not named like {file}",
                 mac=mac, model=model.id, file=route.name,
             )
-            returnValue(_text(404, "Not found", who=mac, reason="model mismatch"))
+            return _text(404, "Not found", who=mac, reason="model mismatch")
         try:
             users = yield self._users_of(device)
         except Exception as exc:
             log.error("backend failed looking up the users of {mac}: {error}", mac=mac, error=exc)
-            returnValue(_text(503, "Service unavailable", who=mac, reason="backend unavailable"))
+            return _text(503, "Service unavailable", who=mac, reason="backend unavailable")
         if not users:
             log.warn("device {mac} ({model}) has no user: nothing to provision", mac=mac, model=model.id)
-            returnValue(_text(404, "Not found", who=mac, reason="no user assigned"))
+            return _text(404, "Not found", who=mac, reason="no user assigned")
         ctx = device_context(self.config.provisioning, model, device, users, route.name, info)
-        response = self._render(pm.template, ctx, who=mac, reason=f"per-MAC {model.id}")
-        if response.status == 200:
-            fetch = Fetch(now, request.client, route.name)
-            self._background(self.backend.record_fetch(mac, fetch), "recording a fetch")
-        returnValue(response)
+        response, templates = self._render(pm.template, ctx, who=mac, reason=f"per-MAC {model.id}")
+        if response.status != 200:
+            return response
+        self.documents.put(key, Document(generation, templates, device, response.body, response.content_type, response.reason))
+        return self._deliver(route, request, mac, response)
 
     @inlineCallbacks
     def _users_of(self, device: Device):
@@ -282,7 +350,7 @@ class Provisioner:
             user = yield self._lookup("get_user", login)
             if user is not None:
                 users.append(user)
-        returnValue(users)
+        return users
 
     def _lookup(self, operation: str, key: str) -> Deferred:
         d = getattr(self.backend, operation)(key)
@@ -303,14 +371,13 @@ class Provisioner:
             body = b'<?xml version="1.0"?>\n<error code="1">Provisioning failed.</error>\n'
         return Response(status, body, XML, who=who, reason=reason)
 
-    @inlineCallbacks
-    def _zoiper(self, route: ZoiperRoute, request: Request, info: RequestInfo):
+    def _zoiper(self, route: ZoiperRoute, request: Request) -> Response | Deferred:
         z = self.config.zoiper
         if route.login is None or route.password is None or not route.login:
             response = self.zoiper_error(z.error_status if route.via == "query" else 401, z.error_text, "-", "missing credentials")
             if route.via != "query":
                 response.headers.append(("WWW-Authenticate", 'Basic realm="zprovd"'))
-            returnValue(response)
+            return response
         login = route.login
         now = self.clock()
         blocked = max(self.limiter.blocked_for("addr:" + request.client, now), self.limiter.blocked_for("login:" + login, now))
@@ -318,12 +385,26 @@ class Provisioner:
             log.warn("refused login {login} from {client}: too many failures", login=login, client=request.client)
             response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
             response.headers.append(("Retry-After", str(int(blocked) + 1)))
-            returnValue(response)
+            return response
+        key = ("zoiper", login, route.version, *_info_key(request))
+        generation = self._generation()
+        document = self.documents.get(key, generation)
+        if document is not None and passwords.known_good(document.record.password_hash, route.password):
+            # a reprovisioning Zoiper whose password verified before
+            self.limiter.success("login:" + login)
+            return Response(200, document.body, document.content_type, who=login, reason=document.reason)
+        return self._zoiper_lookup(route, request, _info(request), key, generation)
+
+    @inlineCallbacks
+    def _zoiper_lookup(self, route: ZoiperRoute, request: Request, info: RequestInfo, key: Any, generation: Any):
+        z = self.config.zoiper
+        login = route.login
+        now = self.clock()
         try:
             user = yield self._lookup("get_user", login)
         except Exception as exc:
             log.error("backend failed looking up {login}: {error}", login=login, error=exc)
-            returnValue(self.zoiper_error(503, z.unavailable_text, login, "backend unavailable"))
+            return self.zoiper_error(503, z.unavailable_text, login, "backend unavailable")
         # An unknown login costs the same hashing work as a known one.
         stored = user.password_hash if user is not None else self._dummy_hash
         if user is not None and passwords.known_good(stored, route.password):
@@ -338,19 +419,39 @@ class Provisioner:
                 "failed login {login} from {client} ({why})",
                 login=login, client=request.client, why="unknown user" if user is None else "wrong password",
             )
-            returnValue(self.zoiper_error(z.error_status, z.error_text, login, "unknown user" if user is None else "wrong password"))
+            return self.zoiper_error(z.error_status, z.error_text, login, "unknown user" if user is None else "wrong password")
         self.limiter.success("login:" + login)
-        returnValue(self.render_zoiper(user, route.version, info))
+        response, templates = self._render_zoiper(user, route.version, info)
+        if response.status == 200:
+            self.documents.put(key, Document(generation, templates, user, response.body, response.content_type, response.reason))
+        return response
 
     def render_zoiper(self, user: User, version: str | None, info: RequestInfo) -> Response:
+        return self._render_zoiper(user, version, info)[0]
+
+    def _render_zoiper(self, user: User, version: str | None, info: RequestInfo) -> tuple[Response, Dependencies]:
         template = self.zoiper_documents.template_for(version)
         ctx = zoiper_context(self.config.provisioning, user, version or "", info)
         try:
-            body = self._timed_render("zoiper", template, ctx)
+            body, templates = self._timed_render("zoiper", template, ctx)
         except RenderError as exc:
             log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
-            return self.zoiper_error(500, "Provisioning failed: server configuration error.", user.login, "template error")
-        return Response(200, body, XML, who=user.login, reason=f"zoiper {template}")
+            error = self.zoiper_error(500, "Provisioning failed: server configuration error.", user.login, "template error")
+            return error, ()
+        return Response(200, body, XML, who=user.login, reason=f"zoiper {template}"), templates
+
+
+def _info_key(request: Request) -> tuple[str, str, str, str]:
+    """What of the request a template may see (``RequestInfo``), as a cache key."""
+    return (request.protocol, request.host, request.client, request.user_agent)
+
+
+def _info(request: Request) -> RequestInfo:
+    return RequestInfo(request.protocol, request.host, request.client, request.user_agent)
+
+
+_NO_RECORDS = "-"
+"""The generation of documents that no backend record went into (generic files)."""
 
 
 def _done(response: Response) -> Deferred:

@@ -10,12 +10,16 @@ message of its own by calling ``fail("why")``.
 
 Compiled templates are cached and re-read when their file changes, when an
 override appears in an operator folder, or when an override is removed.
+``render_tracked`` also returns the templates a render loaded (the one named
+and those it included or imported), so that a cache of rendered documents
+can tell with ``is_current`` when one of them changed.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,9 @@ from zprovd.mac import format_mac
 
 
 log = Logger(namespace="zprovd.renderer")
+
+RECHECK_AFTER = 0.01
+"""Seconds ``is_current`` trusts its last look at a template's files."""
 
 
 class TemplateFailure(Exception):
@@ -102,6 +109,31 @@ class _OverridableLoader(jinja2.FileSystemLoader):
         return source, filename, still_current
 
 
+class _TrackingEnvironment(SandboxedEnvironment):
+    """Records every template loaded while ``loaded`` is a list (includes and
+    imports too: they all go through ``_load_template``)."""
+
+    loaded: list[jinja2.Template] | None = None
+
+    def _load_template(self, name, globals):
+        template = super()._load_template(name, globals)
+        if self.loaded is not None:
+            self.loaded.append(template)
+        return template
+
+
+class _Stale:
+    """Stands for a template that must be rendered again every time."""
+
+    is_up_to_date = False
+
+
+_STALE = _Stale()
+
+Dependencies = tuple[Any, ...]
+"""Templates (or ``_STALE``) with an ``is_up_to_date`` property."""
+
+
 class Renderer:
     """Renders templates by name.
 
@@ -112,10 +144,12 @@ class Renderer:
 
     def __init__(self, operator_dirs: list[Path], bundled_dir: Path | None = None, keep_last_good: bool = False):
         self.keep_last_good = keep_last_good
+        self.recheck_after = RECHECK_AFTER
+        self._checked: dict[Any, float] = {}
         self._last_good: dict[str, jinja2.Template] = {}
         self._reported: set[tuple[str, str, int | None]] = set()
         self.dirs = [Path(d) for d in operator_dirs] + [bundled_dir or bundled_templates_dir()]
-        self.env = SandboxedEnvironment(
+        self.env = _TrackingEnvironment(
             loader=_OverridableLoader([str(d) for d in self.dirs]),
             undefined=jinja2.StrictUndefined,
             autoescape=_autoescape,
@@ -149,9 +183,19 @@ class Renderer:
         return compiled
 
     def render(self, template: str, context: dict[str, Any]) -> bytes:
+        return self.render_tracked(template, context)[0]
+
+    def render_tracked(self, template: str, context: dict[str, Any]) -> tuple[bytes, Dependencies]:
+        """The rendered bytes, and the templates the render loaded (for ``is_current``)."""
+        self.env.loaded = loaded = []
         try:
             compiled = self._compiled(template)
-            return compiled.render(context).encode("utf-8")
+            body = compiled.render(context).encode("utf-8")
+            # A template kept from before a syntax error is not in Jinja's
+            # cache: is_up_to_date is False for it, so nothing is cached.
+            if compiled not in loaded:
+                loaded.append(_STALE)
+            return body, tuple(loaded)
         except jinja2.TemplateNotFound:
             raise RenderError(template, "not found in " + ", ".join(map(str, self.dirs))) from None
         except jinja2.TemplateSyntaxError as exc:
@@ -164,6 +208,24 @@ class Renderer:
             raise RenderError(template, f"refused by the sandbox: {exc}") from None
         except Exception as exc:  # a filter raising, a bad operator template
             raise RenderError(template, f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self.env.loaded = None
+
+    def is_current(self, dependencies: Dependencies) -> bool:
+        """Whether none of these templates changed, went away or got an override
+        since ``render_tracked`` returned them.  A template's files are looked
+        at (a stat each) at most every ``recheck_after`` seconds."""
+        now = time.monotonic()
+        checked = self._checked
+        for template in dependencies:
+            at = checked.get(template)
+            if at is not None and now - at < self.recheck_after:
+                continue
+            if not template.is_up_to_date:
+                checked.pop(template, None)
+                return False
+            checked[template] = now
+        return True
 
     def is_xml(self, template: str) -> bool:
         """Whether the template renders an XML format (and so is autoescaped)."""

@@ -25,8 +25,12 @@ MAX_PATH = 1024
 MAX_SEGMENT = 255
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
+    """One request, as every protocol layer hands it over (read-only by
+    convention: not frozen, because a frozen dataclass costs more to build
+    than a cached answer costs to find)."""
+
     protocol: str  # "http", "https" or "tftp"
     path: str  # HTTP: the raw (still percent-encoded) path; TFTP: the file name
     query: dict[str, list[str]] = field(default_factory=dict)
@@ -141,6 +145,10 @@ def _first(query: dict[str, list[str]], names: list[str]) -> str | None:
     return None
 
 
+KNOWN_ROUTES = 100_000
+"""Desk-phone routes remembered (all forgotten at once when full)."""
+
+
 class Router:
     def __init__(
         self,
@@ -153,8 +161,24 @@ class Router:
         self.zoiper = zoiper
         self.zoiper_paths = {p.strip("/").lower() for p in zoiper.paths}
         self.firmware = firmware
+        self._known: dict[tuple[bool, str, str], Route] = {}
 
     def route(self, request: Request) -> Route:
+        """What the request asks for.  Desk-phone routes depend only on the
+        path (and the user agent, for a generic name several models share),
+        so they are remembered: a phone asking again costs a dict look-up."""
+        key = (request.protocol == "tftp", request.path, request.user_agent)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        route = self._route(request)
+        if isinstance(route, (PerMacRoute, GenericRoute)):
+            if len(self._known) >= KNOWN_ROUTES:
+                self._known.clear()
+            self._known[key] = route
+        return route
+
+    def _route(self, request: Request) -> Route:
         segments = split_path(request.path, percent_encoded=request.protocol != "tftp")
         if isinstance(segments, BadRequest):
             return segments

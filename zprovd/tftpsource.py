@@ -11,14 +11,12 @@ from typing import Callable
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
+from zprovd import logs
 from zprovd.metrics import Metrics
 from zprovd.provisioning import Provisioner, Response
 from zprovd.routing import Request
 from zprovd.tftp.source import AccessDenied, BytesReader, FileReader
-
-access_log = Logger(namespace="zprovd.access")
 
 
 class ProvisioningSource:
@@ -33,9 +31,9 @@ class ProvisioningSource:
         return d
 
     def _reader(self, response: Response, name: str, client: str):
-        access_log.info(
-            'tftp {client} "RRQ {name}" {status} - - who={who} "{reason}"',
-            client=client, name=quote(name, safe="/@.:-_+"), status=response.status, who=quote(response.who, safe="@.:-_+"), reason=response.reason or "-",
+        logs.access(
+            f'tftp {client} "RRQ {quote(name, safe="/@.:-_+")}" {response.status} - - '
+            f'who={quote(response.who, safe="@.:-_+")} "{response.reason or "-"}"'
         )
         if self.metrics is not None:
             self.metrics.answered("tftp", response.status, len(response.body))

@@ -19,13 +19,13 @@ from twisted.web.resource import Resource
 
 from cryptography import x509
 
+from zprovd import logs
 from zprovd.metrics import Metrics
 from zprovd.policy import client_address, macs_in_certificate_names
 from zprovd.provisioning import Provisioner, Response
 from zprovd.routing import Request
 
 log = Logger(namespace="zprovd.http")
-access_log = Logger(namespace="zprovd.access")
 
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|auth", re.IGNORECASE)
 REQUEST_TIMEOUT = 30  # seconds a client may take to send its request
@@ -48,6 +48,11 @@ def redact_uri(uri: str, secret_params: set[str]) -> str:
             part = f"{raw_name}=***"
         parts.append(part)
     return path + "?" + "&".join(parts)
+
+
+_WANTED_HEADERS = frozenset((b"user-agent", b"authorization", b"x-forwarded-for", b"host"))
+_PLAIN = re.compile(r"[\w@.:+-]*", re.ASCII)
+"""A ``who`` the access line can show as it is."""
 
 
 def _decode(value: bytes) -> str:
@@ -99,51 +104,67 @@ class ProvisioningResource(Resource):
 
     def render_GET(self, request: server.Request):
         started = self.seconds()
-        self.inflight.enter()
         provisioner = self.provisioner()
-        query = {_decode(k): [_decode(v) for v in vs] for k, vs in (request.args or {}).items()}
-        client = client_address(
-            _client(request),
-            _decode(request.getHeader(b"x-forwarded-for") or b""),
-            provisioner.config.access.trusted_proxies,
-        )
+        wanted = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            name = name.lower()
+            if name in _WANTED_HEADERS:  # one pass over the few headers a phone sends
+                wanted[name] = _decode(values[-1])  # the last, as getHeader
+        args = request.args
         req = Request(
             protocol=self.protocol,
             path=_decode(request.path),
-            query=query,
-            user_agent=_decode(request.getHeader(b"user-agent") or b""),
-            authorization=_decode(request.getHeader(b"authorization") or b""),
-            client=client,
-            host=_decode(request.getHeader(b"host") or b""),
+            query={_decode(k): [_decode(v) for v in vs] for k, vs in args.items()} if args else {},
+            user_agent=wanted.get(b"user-agent", ""),
+            authorization=wanted.get(b"authorization", ""),
+            client=client_address(
+                _client(request), wanted.get(b"x-forwarded-for", ""), provisioner.config.access.trusted_proxies,
+            ),
+            host=wanted.get(b"host", ""),
             method=_decode(request.method),
             certificate_macs=_certificate_macs(request) if self.protocol == "https" else None,
         )
-        secret_params = {p.lower() for p in provisioner.config.zoiper.password_params}
-        response_holder: list[Response] = []
+        answer = provisioner.answer(req)
+        if isinstance(answer, Response) and answer.file is None:
+            # Known at once (a cached document, a refusal): written and
+            # finished now, without a Deferred.
+            self._write(request, answer)
+            self._finished(request, req, answer, provisioner, started)
+            return server.NOT_DONE_YET
+        self.inflight.enter()
+        holder: list[Response] = []
 
         def finished(_):
             self.inflight.leave()
-            if self.metrics is not None:
-                self.metrics.answered(self.protocol, request.code, request.sentLength)
-            response = response_holder[0] if response_holder else None
-            access_log.info(
-                "{protocol} {client} \"{method} {uri}\" {status} {size} {ms:.1f}ms who={who} {reason}",
-                protocol=self.protocol,
-                client=req.client,
-                method=_decode(request.method),
-                uri=redact_uri(_decode(request.uri), secret_params),
-                status=request.code,
-                size=request.sentLength,
-                ms=(self.seconds() - started) * 1000,
-                who=quote(response.who, safe="@.:-_+") if response else "-",
-                reason=f'"{response.reason}"' if response and response.reason else '"-"',
-            )
+            self._finished(request, req, holder[0] if holder else None, provisioner, started)
+
+        def write(response: Response) -> None:
+            holder.append(response)
+            self._write(request, response)
 
         request.notifyFinish().addBoth(finished)
-        d = provisioner.handle(req)
-        d.addCallback(lambda response: (response_holder.append(response), self._write(request, response)))
+        d = answer if isinstance(answer, Deferred) else succeed(answer)
+        d.addCallback(write)
         d.addErrback(lambda f: log.failure("writing a response failed", f))
         return server.NOT_DONE_YET
+
+    def _finished(self, request: server.Request, req: Request, response: Response | None,
+                  provisioner: Provisioner, started: float) -> None:
+        """The access line and the counters of one request."""
+        if self.metrics is not None:
+            self.metrics.answered(self.protocol, request.code, request.sentLength)
+        uri = _decode(request.uri)
+        if "?" in uri:
+            uri = redact_uri(uri, {p.lower() for p in provisioner.config.zoiper.password_params})
+        who = response.who if response else "-"
+        if not _PLAIN.fullmatch(who):
+            who = quote(who, safe="@.:-_+")
+        reason = response.reason if response and response.reason else "-"
+        ms = (self.seconds() - started) * 1000
+        logs.access(
+            f'{self.protocol} {req.client} "{req.method} {uri}" {request.code} {request.sentLength} '
+            f'{ms:.1f}ms who={who} "{reason}"'
+        )
 
     render_HEAD = render_GET
 
@@ -188,7 +209,8 @@ def _certificate_macs(request: server.Request) -> frozenset[str] | None:
 
 def _client(request: server.Request) -> str:
     address = request.getClientAddress()
-    return getattr(address, "host", str(address))
+    host = getattr(address, "host", None)
+    return host if host is not None else str(address)
 
 
 class Channel(http.HTTPChannel):
@@ -210,6 +232,7 @@ class Channel(http.HTTPChannel):
     HEADER_DEADLINE = 10.0
 
     _deadline = None
+    _waiting_since: float | None = None
     _refused = False
 
     def connectionMade(self):
@@ -217,17 +240,28 @@ class Channel(http.HTTPChannel):
         self._arm()
 
     def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.callLater(self.HEADER_DEADLINE, self._too_slow)
+        """Headers are due HEADER_DEADLINE seconds from now.  One timer per
+        connection, re-armed lazily when it fires: a keep-alive connection
+        costs no timer call per request."""
+        self._waiting_since = self.factory.reactor.seconds()
+        if self._deadline is None:
+            self._deadline = self.callLater(self.HEADER_DEADLINE, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._deadline = None
+        if self._waiting_since is None:
+            return  # a request is being answered; requestDone arms again
+        left = self._waiting_since + self.HEADER_DEADLINE - self.factory.reactor.seconds()
+        if left > 0:
+            self._deadline = self.callLater(left, self._check_deadline)
+        else:
+            self._refuse(408, "Request Timeout", "headers not received in time")
 
     def _disarm(self) -> None:
+        self._waiting_since = None
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        self._refuse(408, "Request Timeout", "headers not received in time")
 
     def _refuse(self, status: int, phrase: str, reason: str) -> None:
         if self._refused:
@@ -235,10 +269,7 @@ class Channel(http.HTTPChannel):
         self._refused = True
         self._disarm()
         peer = self.transport.getPeer() if self.transport else None
-        access_log.info(
-            "http {client} \"-\" {status} 0 0.0ms who=- \"{reason}\"",
-            client=getattr(peer, "host", "-"), status=status, reason=reason,
-        )
+        logs.access(f'http {getattr(peer, "host", "-")} "-" {status} 0 0.0ms who=- "{reason}"')
         self.transport.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
         self.dataReceived = self.lineReceived = lambda *args: None
         self.transport.loseConnection()
@@ -259,6 +290,8 @@ class Channel(http.HTTPChannel):
         if self._receivedHeaderCount >= self.maxHeaders:
             self._refuse(431, "Request Header Fields Too Large", "too many headers")
             return False
+        if line[:1] not in (b"T", b"t", b"C", b"c"):  # not Transfer-Encoding or Content-Length
+            return super().headerReceived(line)
         name = line.split(b":", 1)[0].strip().lower()
         if name == b"transfer-encoding":
             self._refuse(413, "Content Too Large", "request body refused")
@@ -271,7 +304,7 @@ class Channel(http.HTTPChannel):
         return super().headerReceived(line)
 
     def allHeadersReceived(self):
-        self._disarm()
+        self._waiting_since = None
         super().allHeadersReceived()
 
     def requestDone(self, request):

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Hashable, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
@@ -118,6 +118,9 @@ class BackendContext:
     """``run_blocking(f, *args)``: run a blocking function off the reactor."""
     default_sip_domain: str = ""
     """``[provisioning] server``: the SIP domain of accounts that name none."""
+    call_later: Callable[[float, Callable[[], Any]], Any] | None = None
+    """The daemon's ``reactor.callLater``, for work a backend may defer (the CLI
+    passes None: do it now)."""
 
 
 def run_inline(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
@@ -147,6 +150,13 @@ class Backend(Protocol):
 
     def get_device(self, mac: str) -> Deferred:  # -> Device | None
         ...
+
+    # optional: lets the daemon keep rendered documents between requests
+    def generation(self) -> Hashable | None:
+        """A value that changes whenever a user or device changes, checked now,
+        on the reactor thread, without blocking (no network, no disk read).
+        None when the backend cannot tell cheaply right now.  A backend without
+        this method is asked for every request (nothing is cached)."""
 
     # listing and changes used by the CLI
     def list_users(self) -> Deferred:  # -> list[User]

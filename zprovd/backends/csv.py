@@ -110,6 +110,8 @@ class CSVBackend:
         """Guards the in-memory fetches and seen phones (also used on the reactor thread,
         so it is never held for long and never while parsing)."""
         self._data = _Snapshot()
+        self._version = 0
+        """Counts the loads: the generation."""
         self._signature: Signature | None = None
         self._failed: Any = None
         self._checked_at = float("-inf")
@@ -166,6 +168,7 @@ class CSVBackend:
             raise BackendError(_summary(exc.problems)) from None
         with self._lock:
             self._signature, self._data, self._failed = signature, data, None
+            self._version += 1
             self._checked_at = self._clock()
 
     def close(self) -> Deferred:
@@ -204,6 +207,7 @@ class CSVBackend:
                           path=str(self.path), problems=_summary(exc.problems))
                 return self._data
             self._signature, self._data, self._failed = signature, data, None
+            self._version += 1
             with self._records_lock:
                 for mac in list(self._fetches):
                     if mac not in data.devices:
@@ -211,6 +215,13 @@ class CSVBackend:
             log.info("{path}: reloaded ({users} users, {devices} devices)", path=str(self.path),
                      users=len(data.users), devices=len(data.devices))
             return data
+
+    def generation(self) -> int | None:
+        """The number of loads, while the file is not due for a check (the
+        look-ups would not look at it either); None when it is."""
+        if self._clock() - self._checked_at < self.check_interval:
+            return self._version
+        return None
 
     # ------------------------------------------------------------------
     # look-ups (copies: callers may change what they get)

@@ -33,7 +33,10 @@ Design notes:
   are constant, so the sqlite3 module's statement cache keeps them prepared.
 * **Fetch records** are coalesced: ``record_fetch`` keeps the latest fetch
   per MAC in memory and at most one write of the waiting ones is in flight,
-  so a boot storm does not queue one transaction per request.
+  so a boot storm does not queue one transaction per request.  A fetch
+  after a quiet spell is written at once; while fetches keep coming (and
+  the context has ``call_later``), the next write waits
+  ``FETCH_WRITE_INTERVAL`` seconds and carries everything gathered.
 * **Schema.**  ``PRAGMA user_version`` holds the schema version and
   ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; all
   pending migrations run in one transaction when ``open()`` finds an older
@@ -59,6 +62,7 @@ import sqlite3
 import copy
 import dataclasses
 import threading
+import time
 import urllib.parse
 import weakref
 from collections import OrderedDict
@@ -88,6 +92,8 @@ log = Logger()
 
 DEFAULT_PATH = "zprovd.sqlite3"
 DEFAULT_TIMEOUT = 5.0
+FETCH_WRITE_INTERVAL = 0.5  # seconds between fetch-record writes while busy
+GENERATION_RECHECK = 0.01  # seconds generation() trusts its last data_version check
 CACHE_SIZE = 200_000  # users and devices each kept in memory, least recently used dropped
 APPLICATION_ID = 0x7A70726F  # "zpro": marks the file as a zprovd database
 OPTIONS = ("path", "timeout")
@@ -265,6 +271,7 @@ class SQLiteBackend:
         self._watch: sqlite3.Connection | None = None
         self._data_version: int | None = None
         self._generation: int | None = None
+        self._generation_checked = float("-inf")
         self._users: OrderedDict[str, User | None] = OrderedDict()
         self._devices: OrderedDict[str, Device | None] = OrderedDict()
         # coalesced fetch records
@@ -272,6 +279,7 @@ class SQLiteBackend:
         self._fetch_waiters: list[Deferred] = []
         self._idle_waiters: list[Deferred] = []
         self._flushing = False
+        self._flush_call: Any = None
 
     def __repr__(self) -> str:
         return f"<SQLiteBackend {self.path}>"
@@ -496,6 +504,19 @@ class SQLiteBackend:
             self._generation = generation
             return False
         return True
+
+    def generation(self) -> int | None:
+        """The generation counter, if no user or device changed since the
+        read cache was filled (``PRAGMA data_version``: shared memory).
+        Checked at most every GENERATION_RECHECK seconds: a change is seen
+        by requests that arrive that long after its commit."""
+        now = time.monotonic()
+        if self._generation is not None and now - self._generation_checked < GENERATION_RECHECK:
+            return self._generation
+        if not self._cache_is_current():
+            return None
+        self._generation_checked = now
+        return self._generation
 
     def _cached(self, cache: OrderedDict, key: str, load: Callable[..., Any]) -> Deferred:
         if self._cache_is_current() and key in cache:
@@ -736,14 +757,14 @@ class SQLiteBackend:
         self._pending_fetches[mac] = fetch
         cached = self._devices.get(mac)
         if cached is not None:  # fetch writes leave the generation alone: keep the copy true
-            cached.last_fetch = copy.copy(fetch)
+            cached.last_fetch = Fetch(fetch.when, fetch.address, fetch.file)
         waiter: Deferred = Deferred()
         self._fetch_waiters.append(waiter)
         self._start_flush()
         return waiter
 
     def _start_flush(self) -> None:
-        if self._flushing or not self._pending_fetches:
+        if self._flushing or self._flush_call is not None or not self._pending_fetches:
             return
         batch, self._pending_fetches = self._pending_fetches, {}
         waiters, self._fetch_waiters = self._fetch_waiters, []
@@ -756,6 +777,12 @@ class SQLiteBackend:
                     waiter.errback(result)
                 else:
                     waiter.callback(None)
+            call_later = self.context.call_later
+            if self._pending_fetches and call_later is not None and not self._idle_waiters:
+                # Busy: gather what arrives for a while (one thread hop and
+                # one transaction per FETCH_WRITE_INTERVAL, not per request).
+                self._flush_call = call_later(FETCH_WRITE_INTERVAL, self._paced_flush)
+                return
             self._start_flush()
             if not self._flushing:
                 idle, self._idle_waiters = self._idle_waiters, []
@@ -764,12 +791,19 @@ class SQLiteBackend:
 
         self._call(self._record_fetches, batch).addBoth(done)
 
+    def _paced_flush(self) -> None:
+        self._flush_call = None
+        self._start_flush()
+
     def _fetches_written(self) -> Deferred:
-        """Fires when no fetch is waiting or being written."""
+        """Fires when no fetch is waiting or being written (writing them now)."""
         if not self._flushing and not self._pending_fetches:
             return succeed(None)
         waiter: Deferred = Deferred()
         self._idle_waiters.append(waiter)
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
         self._start_flush()
         return waiter
 
