@@ -36,9 +36,8 @@ class Document:
     templates: Dependencies
     record: Any
     """The device or user it was rendered for (access checks need it on a hit)."""
-    body: bytes
-    content_type: str
-    reason: str
+    response: Any
+    """The ``Response`` (status 200), handed out again as it is: read-only."""
 
 
 class DocumentCache:
@@ -68,14 +67,14 @@ class DocumentCache:
         return entry
 
     def put(self, key: Hashable, document: Document) -> None:
-        if document.generation is None or len(document.body) > self.max_bytes:
+        if document.generation is None or len(document.response.body) > self.max_bytes:
             return
         self._drop(key)
         self._entries[key] = document
-        self.size += len(document.body)
+        self.size += len(document.response.body)
         while self.size > self.max_bytes:
             _, oldest = self._entries.popitem(last=False)
-            self.size -= len(oldest.body)
+            self.size -= len(oldest.response.body)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -84,4 +83,4 @@ class DocumentCache:
     def _drop(self, key: Hashable) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.size -= len(entry.body)
+            self.size -= len(entry.response.body)

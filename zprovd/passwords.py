@@ -133,12 +133,10 @@ class _VerifiedCache:
         self._lock = threading.Lock()
 
     def key(self, stored: str, given: str) -> bytes:
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
-        for part in (stored, given):
-            data = part.encode("utf-8", "surrogatepass")
-            mac.update(len(data).to_bytes(8, "big"))  # unambiguous concatenation
-            mac.update(data)
-        return mac.digest()
+        a = stored.encode("utf-8", "surrogatepass")
+        b = given.encode("utf-8", "surrogatepass")
+        # length-prefixed: an unambiguous concatenation; one-shot C HMAC
+        return hmac.digest(self._key, len(a).to_bytes(8, "big") + a + len(b).to_bytes(8, "big") + b, "sha256")
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:

@@ -137,6 +137,8 @@ class Policy:
         self.shared = Credentials.from_password(p.http_user, p.http_password) if p.http_user else None
         self.scans = ScanDetector(self.access.scan)
         self._verdicts: dict[tuple[str, str, str], Refusal | None] = {}
+        self.per_mac_open = not p.url_key and p.auth == "none" and not p.client_certificate
+        """No install-wide URL key, credentials or certificates for per-MAC files."""
 
     def group(self, name: str) -> GroupAccess:
         return getattr(self.access, name)

@@ -35,7 +35,7 @@ from zprovd.context import RequestInfo, device_context, generic_context, zoiper_
 from zprovd.documentcache import Document, DocumentCache
 from zprovd.firmware import FirmwareFolder
 from zprovd.metrics import Metrics
-from zprovd.policy import Policy, Refusal
+from zprovd.policy import DEVICE_URL_KEY, Policy, Refusal
 from zprovd.renderer import Dependencies, Renderer, RenderError
 from zprovd.routing import (
     BadRequest,
@@ -155,6 +155,8 @@ class Provisioner:
         self._unique = itertools.count()
         self.documents = DocumentCache(renderer.is_current)
         self._recorded: dict[str, tuple[float, str, str]] = {}
+        self.secret_params = frozenset(p.lower() for p in config.zoiper.password_params)
+        """Query parameters whose values the access log hides (besides the secret-looking ones)."""
         self._generation: Callable[[], Any] = getattr(backend, "generation", None) or (lambda: None)
 
     # ------------------------------------------------------------------
@@ -224,11 +226,11 @@ class Provisioner:
         key = (route.name, who, *_info_key(request))
         document = self.documents.get(key, _NO_RECORDS)
         if document is not None:
-            return Response(200, document.body, document.content_type, who=who, reason=document.reason)
+            return document.response
         ctx = generic_context(self.config.provisioning, route.model, route.name, _info(request))
         response, templates = self._render(route.file.template, ctx, who=who, reason=f"generic {who}")
         if response.status == 200:
-            self.documents.put(key, Document(_NO_RECORDS, templates, None, response.body, response.content_type, response.reason))
+            self.documents.put(key, Document(_NO_RECORDS, templates, None, response))
         return response
 
     def _timed_render(self, kind: str, template: str, ctx: dict[str, Any]) -> tuple[bytes, Dependencies]:
@@ -249,20 +251,22 @@ class Provisioner:
 
     def _per_mac(self, route: PerMacRoute, request: Request) -> Response | Deferred:
         mac = route.mac
-        refusal = self.policy.url_key_refusal(route.prefix, None)
-        if refusal is not None:
-            return self._refuse(refusal, request, mac, "key:" + mac)
+        policy = self.policy
+        if not policy.per_mac_open:
+            refusal = policy.url_key_refusal(route.prefix, None)
+            if refusal is not None:
+                return self._refuse(refusal, request, mac, "key:" + mac)
         key = (route.name, mac, *_info_key(request))
         generation = self._generation()
         document = self.documents.get(key, generation)
         if document is None:
             return self._per_mac_lookup(route, request, _info(request), key, generation)
-        refusal = self._device_refusal(route, request, document.record, self.clock())
-        if refusal is not None:
-            return refusal
-        return self._deliver(route, request, document.record.mac, Response(
-            200, document.body, document.content_type, who=mac, reason=document.reason,
-        ))
+        device = document.record
+        if not policy.per_mac_open or DEVICE_URL_KEY in device.vars:
+            refusal = self._device_refusal(route, request, device, self.clock())
+            if refusal is not None:
+                return refusal
+        return self._deliver(route, request, device.mac, document.response)
 
     def _device_refusal(self, route: PerMacRoute, request: Request, device: Device, now: float) -> Response | None:
         policy = self.policy
@@ -340,7 +344,7 @@ class Provisioner:
         response, templates = self._render(pm.template, ctx, who=mac, reason=f"per-MAC {model.id}")
         if response.status != 200:
             return response
-        self.documents.put(key, Document(generation, templates, device, response.body, response.content_type, response.reason))
+        self.documents.put(key, Document(generation, templates, device, response))
         return self._deliver(route, request, mac, response)
 
     @inlineCallbacks
@@ -392,7 +396,7 @@ class Provisioner:
         if document is not None and passwords.known_good(document.record.password_hash, route.password):
             # a reprovisioning Zoiper whose password verified before
             self.limiter.success("login:" + login)
-            return Response(200, document.body, document.content_type, who=login, reason=document.reason)
+            return document.response
         return self._zoiper_lookup(route, request, _info(request), key, generation)
 
     @inlineCallbacks
@@ -423,7 +427,7 @@ class Provisioner:
         self.limiter.success("login:" + login)
         response, templates = self._render_zoiper(user, route.version, info)
         if response.status == 200:
-            self.documents.put(key, Document(generation, templates, user, response.body, response.content_type, response.reason))
+            self.documents.put(key, Document(generation, templates, user, response))
         return response
 
     def render_zoiper(self, user: User, version: str | None, info: RequestInfo) -> Response:

@@ -31,7 +31,7 @@ SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|auth", re.IGNORECASE)
 REQUEST_TIMEOUT = 30  # seconds a client may take to send its request
 
 
-def redact_uri(uri: str, secret_params: set[str]) -> str:
+def redact_uri(uri: str, secret_params: set[str] | frozenset[str]) -> str:
     """The URI with the value of every secret-looking query parameter replaced by ***.
 
     The query is split on ``&`` and ``;`` exactly as twisted.web splits it, so
@@ -41,11 +41,12 @@ def redact_uri(uri: str, secret_params: set[str]) -> str:
     if not sep:
         return path
     parts = []
-    for part in re.split(r"[&;]", query):
+    for part in re.split(r"[&;]", query) if ";" in query else query.split("&"):
         raw_name, eq, _ = part.partition("=")
-        name = unquote_plus(raw_name)
-        if eq and (name.lower() in secret_params or SECRET_PARAM.search(name)):
-            part = f"{raw_name}=***"
+        if eq:
+            name = unquote_plus(raw_name) if "%" in raw_name or "+" in raw_name else raw_name
+            if name.lower() in secret_params or SECRET_PARAM.search(name):
+                part = f"{raw_name}=***"
         parts.append(part)
     return path + "?" + "&".join(parts)
 
@@ -155,7 +156,7 @@ class ProvisioningResource(Resource):
             self.metrics.answered(self.protocol, request.code, request.sentLength)
         uri = _decode(request.uri)
         if "?" in uri:
-            uri = redact_uri(uri, {p.lower() for p in provisioner.config.zoiper.password_params})
+            uri = redact_uri(uri, provisioner.secret_params)
         who = response.who if response else "-"
         if not _PLAIN.fullmatch(who):
             who = quote(who, safe="@.:-_+")

@@ -244,13 +244,13 @@ def test_a_backend_without_generation_is_asked_every_time(world):
 def test_the_cache_keeps_at_most_max_bytes():
     cache = DocumentCache(max_bytes=100)
     for i in range(5):
-        cache.put(i, Document(1, (), None, b"x" * 40, "text/plain", ""))
+        cache.put(i, Document(1, (), None, Response(200, b"x" * 40)))
     assert len(cache) == 2 and cache.size == 80
     assert cache.get(0, 1) is None and cache.get(4, 1) is not None
     assert cache.get(4, 2) is None and len(cache) == 1  # another generation: dropped
-    cache.put("big", Document(1, (), None, b"x" * 101, "text/plain", ""))
+    cache.put("big", Document(1, (), None, Response(200, b"x" * 101)))
     assert cache.get("big", 1) is None
-    cache.put("none", Document(None, (), None, b"x", "text/plain", ""))
+    cache.put("none", Document(None, (), None, Response(200, b"x")))
     assert cache.get("none", None) is None
 
 
