@@ -26,12 +26,23 @@ from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileR
 
 CLIENT = ("127.0.0.1", 50000)
 OTHER = ("127.0.0.1", 50001)
+OTHER2 = ("127.0.0.1", 50002)
 
 
 # -- fake network -------------------------------------------------------------------
 
 
 class FakePort:
+    """A UDP port of the fake network, with Twisted's connected-port semantics.
+
+    After ``connect`` the "kernel" (:meth:`FakeReactor.deliver`) drops
+    datagrams from any other address, writes must not name an address, and
+    a write to a peer marked gone reports ``connectionRefused`` (as
+    ``twisted.internet.udp.Port.write`` does on ECONNREFUSED).
+    """
+
+    maxThroughput = 256 * 1024  # as twisted.internet.udp.Port
+
     def __init__(self, net: FakeReactor, proto: DatagramProtocol, host: str, port: int, max_packet: int):
         self.net = net
         self.protocol = proto
@@ -39,15 +50,38 @@ class FakePort:
         self.port = port
         self.max_packet = max_packet
         self.closed = False
+        self.connected_to: tuple[str, int] | None = None
+        self.lost = False
 
-    def write(self, datagram: bytes, addr: tuple[str, int]) -> None:
+    def lose(self) -> None:
+        """What the reactor does on EPOLLERR alone (an ICMP error on a connected port)."""
+        self.closed = self.lost = True
+        del self.net.ports[self.port]
+        self.protocol.doStop()
+
+    def connect(self, host: str, port: int) -> None:
+        assert self.connected_to is None, "already connected"
+        if self.net.refuse_connect:
+            raise OSError("connect refused by the test")
+        self.connected_to = (host, port)
+
+    def write(self, datagram: bytes, addr: tuple[str, int] | None = None) -> None:
         assert not self.closed, "write on a closed port"
+        if self.connected_to is not None:
+            assert addr in (None, self.connected_to)
+            addr = self.connected_to
+            if addr in self.net.gone:
+                self.protocol.connectionRefused()
+                return
+        assert addr is not None
         self.net.wire.append((self.port, addr, datagram))
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", self.host, self.port)
 
-    def stopListening(self) -> defer.Deferred[None]:
+    def stopListening(self) -> defer.Deferred[None] | None:
+        if self.lost:
+            return None  # as Twisted: the port is already closed
         assert not self.closed
         self.closed = True
         del self.net.ports[self.port]
@@ -62,6 +96,9 @@ class FakeReactor(Clock):
         super().__init__()
         self.ports: dict[int, FakePort] = {}
         self.wire: list[tuple[int, tuple[str, int], bytes]] = []  # (from port, to addr, datagram)
+        self.unreachable: list[tuple[tuple[str, int], int]] = []  # (sender, port): dropped by a connected port
+        self.gone: set[tuple[str, int]] = set()  # peers whose port is closed (ECONNREFUSED)
+        self.refuse_connect = False
         self._next = 40000
 
     def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
@@ -75,7 +112,11 @@ class FakeReactor(Clock):
         return p
 
     def deliver(self, port: int, datagram: bytes, sender: tuple[str, int] = CLIENT) -> None:
-        self.ports[port].protocol.datagramReceived(datagram, sender)
+        target = self.ports[port]
+        if target.connected_to is not None and sender != target.connected_to:
+            self.unreachable.append((sender, port))  # the kernel drops it (ICMP port unreachable)
+            return
+        target.protocol.datagramReceived(datagram, sender)
 
     def take(self) -> list[tuple[int, tuple[str, int], Any]]:
         out = [(src, dst, decode(d)) for src, dst, d in self.wire]
@@ -140,10 +181,33 @@ def test_read_transfer_from_its_own_port(events: list[dict[str, Any]]) -> None:
     assert server.retransmissions == 0
 
 
-def test_wrong_tid_gets_error_5_and_does_not_disturb(events: list[dict[str, Any]]) -> None:
+def test_transfer_port_is_connected_and_strays_do_not_disturb(events: list[dict[str, Any]]) -> None:
     server, net, lp = make_server(TrackingSource({"f": b"y" * 1500}), events)
     net.deliver(lp, ReadRequest("f").encode())
     ((tp, _, _),) = net.take()
+    assert net.ports[tp].connected_to == CLIENT
+    assert net.ports[tp].maxThroughput == 1  # one datagram per read event
+    assert net.ports[lp].connected_to is None  # the listening port serves everyone
+    net.deliver(tp, Ack(1).encode(), sender=OTHER)
+    net.deliver(tp, Error(0, "go away").encode(), sender=("127.0.0.2", CLIENT[1]))
+    # The kernel drops them (ICMP port unreachable); nothing reaches the session.
+    assert net.unreachable == [(OTHER, tp), (("127.0.0.2", CLIENT[1]), tp)]
+    assert net.take() == []
+    # A stray queued before the port was connected reaches the protocol: dropped too.
+    net.ports[tp].protocol.datagramReceived(Ack(1).encode(), OTHER)
+    net.ports[tp].protocol.datagramReceived(Error(0, "go away").encode(), OTHER)
+    assert net.take() == []
+    net.deliver(tp, Ack(1).encode())
+    assert net.take() == [(tp, CLIENT, Data(2, b"y" * 512))]
+    assert server.transfers_in_flight() == 1
+
+
+def test_unconnected_fallback_answers_wrong_tid_with_error_5(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({"f": b"y" * 1500}), events)
+    net.refuse_connect = True
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, _),) = net.take()
+    assert net.ports[tp].connected_to is None
     net.deliver(tp, Ack(1).encode(), sender=OTHER)
     net.deliver(tp, Ack(1).encode(), sender=("127.0.0.2", CLIENT[1]))
     assert net.take() == [
@@ -154,7 +218,87 @@ def test_wrong_tid_gets_error_5_and_does_not_disturb(events: list[dict[str, Any]
     assert net.take() == []
     net.deliver(tp, Ack(1).encode())
     assert net.take() == [(tp, CLIENT, Data(2, b"y" * 512))]
-    assert server.transfers_in_flight() == 1
+    net.deliver(tp, Ack(2).encode())
+    net.deliver(tp, Ack(3).encode())
+    assert net.take() == [(tp, CLIENT, Data(3, b"y" * 476))]
+    assert server.transfers_in_flight() == 0 and no_errors_logged(events)
+
+
+def test_client_gone_ends_the_transfer_quietly(events: list[dict[str, Any]]) -> None:
+    """ECONNREFUSED (ICMP port unreachable on a connected port) ends the transfer."""
+    source = TrackingSource({"f": bytes(5000), "g": bytes(5000)})
+    server, net, lp = make_server(source, events)
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, _),) = net.take()
+    # Reported while reading (Twisted's doRead calls connectionRefused).
+    net.ports[tp].protocol.connectionRefused()
+    assert server.transfers_in_flight() == 0 and tp not in net.ports
+    assert source.readers[0].closed
+    assert net.take() == []  # no ERROR to a closed port
+    # Reported by a write: the transfer ends in the middle of sending.
+    net.deliver(lp, ReadRequest("g").encode(), sender=OTHER)
+    ((tp2, _, _),) = net.take()
+    net.gone.add(OTHER)
+    net.deliver(tp2, Ack(1).encode(), sender=OTHER)
+    assert server.transfers_in_flight() == 0 and tp2 not in net.ports
+    assert source.readers[1].closed
+    # The reactor closes the port (EPOLLERR without a datagram to read).
+    net.deliver(lp, ReadRequest("f").encode(), sender=OTHER2)
+    ((tp3, _, _),) = net.take()
+    net.ports[tp3].lose()
+    assert server.transfers_in_flight() == 0 and source.readers[2].closed
+    assert net.take() == [] and net.getDelayedCalls() == []
+    assert server.retransmissions == 0
+    assert no_errors_logged(events) and not any("log_failure" in e for e in events)
+    assert any("port unreachable" in str(e.get("error")) for e in events)
+
+
+def test_retransmission_on_time_with_the_lazy_timer(events: list[dict[str, Any]]) -> None:
+    """ACKs move the deadline without moving the timer; it still fires on time."""
+    server, net, lp = make_server(TrackingSource({"f": bytes(512 * 40)}), events)
+    net.deliver(lp, ReadRequest("f", "octet", {"timeout": "2"}).encode())
+    ((tp, _, _),) = net.take()
+    net.advance(0.5)
+    net.deliver(tp, Ack(0).encode())  # the deadline moves to 2.5
+    assert net.take() == [(tp, CLIENT, Data(1, bytes(512)))]
+    (timer,) = net.getDelayedCalls()
+    scheduled = timer.getTime()
+    assert scheduled == 2.0  # armed for the OACK, not moved by ACK 0
+    # (Steps of 1/8 s keep the clock's arithmetic exact.)
+    for n in range(1, 12):  # 11 ACKs before 2.0: the deadline moves 11 times, the timer never
+        net.advance(0.125)
+        net.deliver(tp, Ack(n).encode())
+        assert net.take() == [(tp, CLIENT, Data(n + 1, bytes(512)))]
+        assert net.getDelayedCalls() == [timer] and timer.getTime() == scheduled
+    assert net.seconds() == 1.875  # DATA 12 is due again at 3.875
+    net.advance(1.875)
+    assert net.take() == []  # the timer fired at 2.0 and only re-armed itself
+    assert len(net.getDelayedCalls()) == 1 and server.retransmissions == 0
+    net.advance(0.125)
+    assert net.take() == [(tp, CLIENT, Data(12, bytes(512)))]
+    assert net.seconds() == 3.875 and server.retransmissions == 1
+    net.advance(1.875)
+    assert net.take() == []
+    net.advance(0.125)  # the client's fixed timeout: 2 s later again, no back-off
+    assert net.take() == [(tp, CLIENT, Data(12, bytes(512)))]
+    assert server.retransmissions == 2 and len(net.getDelayedCalls()) == 1
+
+
+def test_deadline_moving_earlier_reschedules_the_timer(events: list[dict[str, Any]]) -> None:
+    """The adaptive RTO shrinks after the first RTT sample: no late retransmission."""
+    server, net, lp = make_server(TrackingSource({"f": bytes(5000)}), events)
+    net.deliver(lp, ReadRequest("f").encode())
+    ((tp, _, _),) = net.take()  # DATA 1; initial RTO 1 s
+    net.advance(0.01)
+    net.deliver(tp, Ack(1).encode())  # RTT 10 ms: the RTO drops to its 0.2 s floor
+    assert net.take() == [(tp, CLIENT, Data(2, bytes(512)))]
+    (timer,) = net.getDelayedCalls()
+    assert timer.getTime() == pytest.approx(0.21)
+    net.advance(0.199)
+    assert net.take() == []
+    net.advance(0.001)
+    assert net.take() == [(tp, CLIENT, Data(2, bytes(512)))]
+    assert server.retransmissions == 1
 
 
 def test_timeouts_free_the_session(events: list[dict[str, Any]]) -> None:
@@ -467,6 +611,7 @@ class Collector(DatagramProtocol):
 
 @pytest_twisted.inlineCallbacks
 def test_wrong_tid_over_real_sockets() -> Any:
+    """Another port's datagrams, even an ERROR, do not disturb a transfer."""
     from twisted.internet import reactor
 
     server = TFTPServer([("127.0.0.1", 0)], TrackingSource({"f": bytes(2000)}), shutdown_timeout=1)
@@ -481,24 +626,75 @@ def test_wrong_tid_over_real_sockets() -> Any:
         yield client.wait(1)
         data, tid = client.received[0]
         assert decode(data) == Data(1, bytes(512)) and tid[1] != port
+        # Would end the transfer if it reached the session, and its ACK would
+        # move it on without the client.
+        intruder.transport.write(Error(0, "abort").encode(), tid)
         intruder.transport.write(Ack(1).encode(), tid)
-        yield intruder.wait(1)
-        assert decode(intruder.received[0][0]) == Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
-        assert len(client.received) == 1  # the intruder's ACK did not advance the transfer
+        yield _sleep(0.05)
+        assert len(client.received) == 1 and server.transfers_in_flight() == 1
         for n in range(1, 5):
             client.transport.write(Ack(n).encode(), tid)
             if n < 4:
                 yield client.wait(n + 1)
         assert [decode(d).block for d, _ in client.received] == [1, 2, 3, 4]  # type: ignore[union-attr]
+        assert {a for _, a in client.received} == {tid}
         for _ in range(50):
             if server.transfers_in_flight() == 0:
                 break
             yield _sleep(0.02)
         assert server.transfers_in_flight() == 0
+        # The transfer port is connected: the kernel dropped the intruder's
+        # datagrams (answering ICMP port unreachable), no ERROR 5 came back.
+        assert intruder.received == []
     finally:
         yield server.stopService()
         yield cport.stopListening()
         yield iport.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_going_away_ends_the_transfer_over_real_sockets() -> Any:
+    """The client's port closes: ICMP port unreachable ends the transfer, no retransmissions."""
+    events: list[dict[str, Any]] = []
+    source = TrackingSource({"f": bytes(5000)})
+    # With a 5 s timeout and 5 retries, timing out would take 30 s.
+    server = TFTPServer([("127.0.0.1", 0)], source, retries=5, shutdown_timeout=1, log=Logger(observer=events.append))
+    server.startService()
+    # A plain socket, so that it can send its last ACK and close before the
+    # server (same reactor) even reads that ACK: DATA 2 finds the port closed.
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    try:
+        client.bind(("127.0.0.1", 0))
+        client.sendto(ReadRequest("f", "octet", {"timeout": "5"}).encode(), server.listening_ports()[0])
+        oack, tid = yield _receive(client)
+        assert decode(oack) == OptionAck({"timeout": "5"})
+        client.sendto(Ack(0).encode(), tid)
+        data, _ = yield _receive(client)
+        assert decode(data) == Data(1, bytes(512))
+        client.sendto(Ack(1).encode(), tid)
+        client.close()
+        for _ in range(1000):
+            if server.transfers_in_flight() == 0:
+                break
+            yield _sleep(0.02)
+        assert server.transfers_in_flight() == 0 and source.readers[0].closed
+        assert server.retransmissions == 0
+        assert any("port unreachable" in str(e.get("error")) for e in events)
+        assert no_errors_logged(events) and not any("log_failure" in e for e in events)
+    finally:
+        client.close()
+        yield server.stopService()
+
+
+@defer.inlineCallbacks
+def _receive(sock: socket.socket) -> Any:
+    for _ in range(250):
+        try:
+            return sock.recvfrom(65536)
+        except BlockingIOError:
+            yield _sleep(0.02)
+    raise AssertionError("nothing received")
 
 
 def _sleep(seconds: float) -> defer.Deferred[None]:

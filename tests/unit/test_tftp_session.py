@@ -657,3 +657,111 @@ def test_write_session_netascii_and_oversized_block() -> None:
     s.start(0)
     out = s.receive(Data(1, b"x" * 513).encode(), 0)
     assert out.done and w.aborted and decode(out.send[0]).code == ErrorCode.ILLEGAL_OPERATION  # type: ignore[union-attr]
+
+
+# -- reading ahead in chunks -------------------------------------------------------------
+
+
+class RecordingReader(TrackingReader):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.requests: list[int] = []
+
+    def read(self, n: int) -> bytes:
+        self.requests.append(n)
+        return super().read(n)
+
+
+@pytest.mark.parametrize("blksize,windowsize", [(512, 1), (1468, 1), (1468, 16), (65464, 1), (8, 4)])
+def test_reads_whole_chunks_not_blocks(blksize: int, windowsize: int) -> None:
+    content = random.Random(blksize).randbytes(200_000)
+    reader = RecordingReader(content)
+    limits = Limits(max_blksize=65464)
+    s = ReadSession(reader, {"blksize": str(blksize), "windowsize": str(windowsize)}, limits=limits)
+    s.start(0)
+    out = s.receive(ack(0), 0)
+    got = []
+    while not out.done:
+        ps = data_packets(out)
+        got += [p.payload for p in ps]
+        out = s.receive(ack(ps[-1].block), 0)
+    assert out.error is None and b"".join(got) == content
+    assert all(len(p) == blksize for p in got[:-1]) and len(got[-1]) < blksize
+    # Whole blocks per read, at most read_chunk bytes (or one block if larger).
+    chunk = max(blksize, limits.read_chunk // blksize * blksize)
+    assert set(reader.requests) == {chunk}
+    assert len(reader.requests) == -(-len(content) // chunk) + 1  # the last one finds the end
+    assert reader.close_calls == 1
+
+
+def test_a_file_is_never_read_ahead_by_more_than_a_chunk() -> None:
+    reader = RecordingReader(bytes(1_000_000))
+    s = ReadSession(reader, limits=Limits(read_chunk=4096))
+    out = s.start(0)
+    n = 1
+    while not out.done:
+        consumed = reader._pos  # what the session took from the reader so far
+        assert consumed - 512 * n < 4096
+        out = s.receive(ack(n), 0)
+        n += 1
+    assert set(reader.requests) == {4096}
+
+
+def test_reader_returning_more_than_asked_is_a_read_error() -> None:
+    class Greedy(TrackingReader):
+        def read(self, n: int) -> bytes:
+            return super().read(n + 1)
+
+    reader = Greedy(bytes(100_000))
+    s = ReadSession(reader)
+    out = s.start(0)
+    assert out.done and "more than requested" in (out.error or "")
+    assert decode(out.send[0]) == Error(0, "read error")
+    assert reader.close_calls == 1
+
+
+def test_failure_in_a_later_chunk_is_a_read_error() -> None:
+    class FailsLater(TrackingReader):
+        def read(self, n: int) -> bytes:
+            if self._pos >= 16384:
+                raise OSError("disk on fire")
+            return super().read(n)
+
+    reader = FailsLater(bytes(100_000))
+    s = ReadSession(reader)
+    out = s.start(0)
+    n = 1
+    while not out.done:
+        assert blocks(out) == [n]
+        out = s.receive(ack(n), 0)
+        n += 1
+    assert n == 16384 // 512 + 1  # every block of the first chunk went out first
+    assert "disk on fire" in (out.error or "") and decode(out.send[0]) == Error(0, "read error")
+    assert reader.close_calls == 1
+
+
+# -- Karn's rule ------------------------------------------------------------------------------
+
+
+def test_no_rtt_sample_from_a_retransmitted_block() -> None:
+    s = ReadSession(BytesReader(bytes(512 * 10)))
+    s.start(0.0)
+    assert blocks(s.timeout(1.0)) == [1]  # resent; the RTO backs off to 2 s
+    out = s.receive(ack(1), 1.001)
+    # The ACK may answer either copy: no sample (RTT 1.001 would give a 3 s
+    # RTO), the back-off ends and the initial 1 s RTO applies again.
+    assert blocks(out) == [2] and out.deadline == pytest.approx(2.001)
+    out = s.receive(ack(2), 1.011)  # block 2 was sent once: a 10 ms sample
+    assert blocks(out) == [3] and out.deadline == pytest.approx(1.211)  # the 0.2 s floor
+
+
+def test_no_rtt_sample_from_blocks_resent_by_a_window_restart() -> None:
+    s = ReadSession(BytesReader(bytes(64 * 20)), {"blksize": "8", "windowsize": "4"}, limits=Limits(max_blksize=8))
+    s.start(0.0)
+    assert blocks(s.receive(ack(0), 0.0)) == [1, 2, 3, 4]
+    assert blocks(s.receive(ack(1), 0.9)) == [2, 3, 4, 5]  # 2, 3 and 4 are sent again
+    out = s.receive(ack(4), 1.8)  # block 4 was resent: no sample (RTT 1.8 or 0.9?)
+    assert blocks(out) == [5, 6, 7, 8]
+    # The RTO still comes from the samples of the OACK (0 s) and block 1
+    # (0.9 s): SRTT 0.1125, RTTVAR 0.225, RTO = SRTT + 4 RTTVAR.
+    assert out.deadline == pytest.approx(1.8 + 0.1125 + 4 * 0.225)

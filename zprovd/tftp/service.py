@@ -8,12 +8,21 @@ against the upload folder, and starts a transfer.
 
 Each transfer gets its own UDP port, bound to an ephemeral port on the same
 local address as the listening port, and answers from it (RFC 1350 transfer
-IDs).  Datagrams reaching a transfer port from any other address or port get
-ERROR 5 "unknown transfer ID" and do not disturb the transfer.  The protocol
-logic lives in the sans-I/O sessions of :mod:`zprovd.tftp.session`; this
-module only moves datagrams and runs one timer per transfer through the
-injected ``reactor`` (``reactor.seconds()`` is the session clock, so tests
-can drive everything with ``twisted.internet.task.Clock``).
+IDs).  The transfer port is *connected* to the client: the kernel delivers
+only the client's datagrams to it and sends without a per-datagram address.
+Datagrams from any other address or port therefore never disturb the
+transfer; the kernel drops them and answers with ICMP port unreachable
+instead of the ERROR 5 "unknown transfer ID" that RFC 1350 says a server
+"should" send (see :meth:`TransferProtocol.connect`).  If the client's port
+closes, the kernel reports the ICMP port unreachable it gets back as
+ECONNREFUSED and the transfer ends at once (quietly: the client has gone).
+
+The protocol logic lives in the sans-I/O sessions of
+:mod:`zprovd.tftp.session`; this module only moves datagrams and runs one
+timer per transfer through the injected ``reactor`` (``reactor.seconds()``
+is the session clock, so tests can drive everything with
+``twisted.internet.task.Clock``).  Nothing is logged per datagram (but a
+failed send, at debug level).
 
 Errors answering a request (file not found, access violation, malformed
 request...) are sent from the listening port.
@@ -48,7 +57,7 @@ from zprovd.tftp.packets import (
     decode,
     peek_opcode,
 )
-from zprovd.tftp.session import SUPPORTED_MODES, Limits, Output, ReadSession, WriteSession
+from zprovd.tftp.session import SUPPORTED_MODES, TIMER_SLACK, Limits, Output, ReadSession, WriteSession
 from zprovd.tftp.source import AccessDenied, Reader, Source, safe_relative_name
 
 __all__ = [
@@ -138,7 +147,22 @@ def _error_datagram(code: int, message: str) -> bytes:
 
 
 class TransferProtocol(DatagramProtocol):
-    """One transfer's own UDP port, feeding datagrams and timeouts to a session."""
+    """One transfer's own UDP port, feeding datagrams and timeouts to a session.
+
+    The port is connected to the client (see :meth:`connect`), so the kernel
+    only delivers the client's datagrams and sends without a per-datagram
+    address (no route lookup, no address checks in Twisted).
+
+    Timer: one ``DelayedCall`` per transfer, re-armed lazily.  Each session
+    Output carries a deadline, usually a little later than the previous one
+    (every ACK pushes it by one RTO).  Instead of moving the DelayedCall on
+    every packet, the protocol only records the deadline; when the call fires
+    it compares the time with the deadline recorded since and either calls
+    ``session.timeout`` or schedules itself again for the time remaining.  A
+    deadline moving *earlier* than the scheduled call (the RTO shrinking
+    after the first RTT samples) reschedules it at once, so a retransmission
+    is never late.
+    """
 
     noisy = False  # no "Starting protocol" line per transfer
 
@@ -155,65 +179,140 @@ class TransferProtocol(DatagramProtocol):
         self.client = client
         self.description = description
         self.key = key
-        self.started_at = server.reactor.seconds()
+        self._seconds = server.reactor.seconds
+        self.started_at = self._seconds()
         self.finished = False
         self.port: Any = None
-        self._timer: IDelayedCall | None = None
+        self.connected = False
+        self._destination: tuple[str, int] | None = client  # None once connected
+        self._deadline: float | None = None  # the session's current deadline
+        self._timer: IDelayedCall | None = None  # fires at _timer_at (<= _deadline)
+        self._timer_at = 0.0
         self._counted_retransmissions = 0
+
+    def connect(self) -> None:
+        """Set up the transfer port: one datagram per read event, connected to the client.
+
+        Once connected, the kernel drops datagrams from any other address or port and
+        answers them with ICMP port unreachable, so they never reach the
+        session.  RFC 1350 says a server "should" answer a wrong transfer ID
+        with ERROR 5; the ICMP error tells the stray sender the same thing,
+        and keeping an unconnected port just for that would cost every
+        datagram of every transfer a route lookup and Twisted's address
+        checks.  If connecting fails (it should not: the client address comes
+        from ``recvfrom``) the port stays unconnected and this protocol
+        filters and answers strays itself with ERROR 5.
+        """
+        port = self.port
+        if isinstance(getattr(port, "maxThroughput", None), int):
+            # Twisted's UDP port reads datagrams until recvfrom fails with
+            # EAGAIN (or maxThroughput bytes).  A transfer port holds a
+            # datagram or two at a time, so that last recvfrom, a failed
+            # syscall and a Python exception, was paid for every datagram:
+            # read one per readiness event instead (epoll is level-triggered,
+            # anything left is read on the next turn of the reactor).
+            port.maxThroughput = 1
+        try:
+            port.connect(self.client[0], self.client[1])
+        except Exception as e:
+            self.server.log.debug("TFTP {transfer}: cannot connect the transfer port: {err!r}", transfer=self.description, err=e)
+            return
+        self.connected = True
+        self._destination = None
 
     # Twisted entry points ---------------------------------------------------
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.finished:
             return
-        if tuple(addr[:2]) != self.client:
-            # Someone else: tell them (unless it is itself an error), carry on.
-            if peek_opcode(datagram) not in (None, Opcode.ERROR):
-                self._write(_error_datagram(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), tuple(addr[:2]))
+        if addr != self.client and (addr[0], addr[1]) != self.client:
+            self._stray(datagram, (addr[0], addr[1]))
             return
-        self.apply(self.session.receive(datagram, self.server.reactor.seconds()))
+        self.apply(self.session.receive(datagram, self._seconds()))
+
+    def connectionRefused(self) -> None:
+        """ICMP port unreachable from the client (connected port): it has gone.
+
+        Twisted calls this when ``recvfrom`` or ``send`` fails with
+        ECONNREFUSED.  When the kernel reports the error with no datagram
+        waiting (EPOLLERR alone) the reactor closes the port instead, and
+        :meth:`stopProtocol` ends the transfer the same way.
+        """
+        if not self.finished:
+            self.apply(self.session.abort("the client's port is closed (ICMP port unreachable)", notify=False))
+
+    def stopProtocol(self) -> None:
+        """The port was closed: by :meth:`_finish`, or by the reactor on a socket error."""
+        if not self.finished:
+            self.connectionRefused()
 
     # Driving the session ----------------------------------------------------
 
     def begin(self) -> None:
-        self.apply(self.session.start(self.server.reactor.seconds()))
+        self.apply(self.session.start(self._seconds()))
 
     def apply(self, out: Output) -> None:
         """Carry out a session Output: send, then finish or re-arm the timer."""
-        delta = self.session.retransmissions - self._counted_retransmissions
-        if delta:
-            self._counted_retransmissions += delta
-            self.server.retransmissions += delta
-        for datagram in out.send:
-            self._write(datagram, self.client)
+        session = self.session
+        if session.retransmissions != self._counted_retransmissions:
+            self.server.retransmissions += session.retransmissions - self._counted_retransmissions
+            self._counted_retransmissions = session.retransmissions
+        send = out.send
+        if send and self.transport is not None:
+            write = self.transport.write
+            destination = self._destination  # None once connected
+            for datagram in send:
+                try:
+                    write(datagram, destination)
+                except Exception as e:  # a full send buffer is a lost datagram
+                    self.server.log.debug("TFTP {transfer}: send failed: {err!r}", transfer=self.description, err=e)
+                if self.finished:  # the write got ECONNREFUSED and connectionRefused ended the transfer
+                    return
         if out.done:
             self._finish(out.error)
             return
-        if out.deadline is None:
+        deadline = out.deadline
+        self._deadline = deadline
+        if deadline is None:
             self._cancel_timer()
-            return
-        delay = max(0.0, out.deadline - self.server.reactor.seconds())
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(delay)
-        else:
-            self._timer = self.server.reactor.callLater(delay, self._on_timer)
+        elif self._timer is None:
+            self._schedule(deadline)
+        elif deadline < self._timer_at:
+            # Rare (the RTO shrinking): a new call rather than reset(), which
+            # searches the reactor's whole heap when moving a call sooner.
+            self._timer.cancel()
+            self._schedule(deadline)
+        # else: the timer fires before the deadline and re-arms itself then.
 
     def abort(self, reason: str) -> None:
         if not self.finished:
             self.apply(self.session.abort(reason))
 
+    def _schedule(self, at: float) -> None:
+        self._timer_at = at
+        self._timer = self.server.reactor.callLater(max(0.0, at - self._seconds()), self._on_timer)
+
     def _on_timer(self) -> None:
         self._timer = None
-        if not self.finished:
-            self.apply(self.session.timeout(self.server.reactor.seconds()))
-
-    def _write(self, datagram: bytes, addr: tuple[str, int]) -> None:
-        if self.transport is None:
+        deadline = self._deadline
+        if self.finished or deadline is None:
             return
-        try:
-            self.transport.write(datagram, addr)
-        except Exception as e:  # a full send buffer or unreachable peer is a lost datagram
-            self.server.log.debug("TFTP {transfer}: send failed: {err!r}", transfer=self.description, err=e)
+        now = self._seconds()
+        if now < deadline - TIMER_SLACK:
+            self._schedule(deadline)  # the deadline moved since the timer was set
+            return
+        self.apply(self.session.timeout(now))
+
+    def _stray(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        """A datagram from another transfer ID (see :meth:`connect`)."""
+        if self.connected:
+            return  # queued before the port was connected: just drop it
+        # Someone else: tell them (unless it is itself an error), carry on.
+        if self.transport is not None and peek_opcode(datagram) not in (None, Opcode.ERROR):
+            try:
+                self.transport.write(_error_datagram(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr)
+            except Exception as e:
+                self.server.log.debug("TFTP {transfer}: send failed: {err!r}", transfer=self.description, err=e)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -222,8 +321,9 @@ class TransferProtocol(DatagramProtocol):
 
     def _finish(self, error: str | None) -> None:
         self.finished = True
+        self._deadline = None
         self._cancel_timer()
-        elapsed = self.server.reactor.seconds() - self.started_at
+        elapsed = self._seconds() - self.started_at
         session = self.session
         size = session.bytes_sent if isinstance(session, ReadSession) else session.bytes_received
         if error is None:
@@ -380,6 +480,7 @@ class TFTPProtocol(DatagramProtocol):
             self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
             return
         transfer.port = port
+        transfer.connect()
         server._transfers.add(transfer)
         server.log.debug("TFTP {transfer}: started", transfer=description)
         transfer.begin()

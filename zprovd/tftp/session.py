@@ -70,6 +70,7 @@ __all__ = [
     "NetasciiEncoder",
     "NetasciiDecoder",
     "SUPPORTED_MODES",
+    "TIMER_SLACK",
 ]
 
 SUPPORTED_MODES = ("octet", "netascii")
@@ -81,8 +82,8 @@ MAX_TIMEOUT = 255
 MAX_WINDOWSIZE = 65535
 
 _DATA_HEADER = struct.Struct("!HH")
-# A timer firing this much before its deadline (float rounding) counts as due.
-_EARLY = 1e-6
+#: A timer firing this much before its deadline (float rounding) counts as due.
+TIMER_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,42 @@ class Limits:
     initial_rto: float = 1.0
     min_rto: float = 0.2
     max_rto: float = 5.0
+    read_chunk: int = 16384
+    """Bytes asked of a reader at once (rounded down to whole blocks, at
+    least one block): one ``read`` serves many DATA packets.  Small enough
+    that a thousand concurrent transfers hold only a few MiB of buffers."""
 
 
-@dataclass
 class Output:
-    """What the I/O layer must do after a session call."""
+    """What the I/O layer must do after a session call.
 
-    send: list[bytes] = field(default_factory=list)
-    deadline: float | None = None
-    done: bool = False
-    error: str | None = None
+    (A plain class with slots rather than a dataclass: one is built for
+    every datagram, so its constructor is kept cheap.)
+    """
+
+    __slots__ = ("send", "deadline", "done", "error")
+
+    def __init__(
+        self,
+        send: list[bytes] | None = None,
+        deadline: float | None = None,
+        done: bool = False,
+        error: str | None = None,
+    ):
+        self.send: list[bytes] = [] if send is None else send
+        self.deadline = deadline
+        self.done = done
+        self.error = error
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Output):
+            return NotImplemented
+        return (self.send, self.deadline, self.done, self.error) == (other.send, other.deadline, other.done, other.error)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Output(send={self.send!r}, deadline={self.deadline!r}, done={self.done!r}, error={self.error!r})"
 
 
 @dataclass(frozen=True)
@@ -187,7 +214,13 @@ def negotiate(
 
 
 class _Rto:
-    """Retransmission timeout: fixed (client's timeout option) or adaptive."""
+    """Retransmission timeout: fixed (client's timeout option) or adaptive.
+
+    ``value`` is the current timeout, recomputed whenever an input changes
+    (it is read for every DATA packet sent).
+    """
+
+    __slots__ = ("limits", "fixed", "srtt", "rttvar", "backoff", "value", "_min", "_max")
 
     def __init__(self, limits: Limits, fixed: float | None):
         self.limits = limits
@@ -195,32 +228,56 @@ class _Rto:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.backoff = 0
+        self._min = limits.min_rto
+        self._max = limits.max_rto
+        self.value = 0.0
+        self._update()
 
     def current(self) -> float:
+        return self.value
+
+    def _update(self) -> None:
         if self.fixed is not None:
-            return self.fixed
-        lim = self.limits
+            self.value = self.fixed
+            return
         if self.srtt is None:
-            base = lim.initial_rto
+            base = self.limits.initial_rto
         else:
             base = max(2.0 * self.srtt, self.srtt + 4.0 * self.rttvar)
-        base = min(max(base, lim.min_rto), lim.max_rto)
-        return min(base * (2**self.backoff), lim.max_rto)
+        base = min(max(base, self._min), self._max)
+        self.value = min(base * (2**self.backoff), self._max)
 
     def sample(self, rtt: float) -> None:
-        rtt = max(0.0, rtt)
-        if self.srtt is None:
+        if rtt < 0.0:
+            rtt = 0.0
+        srtt = self.srtt
+        if srtt is None:
             self.srtt = rtt
             self.rttvar = rtt / 2
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+            self.rttvar = rttvar = 0.75 * self.rttvar + 0.25 * (srtt - rtt if srtt > rtt else rtt - srtt)
+            self.srtt = srtt = 0.875 * srtt + 0.125 * rtt
+            if self.fixed is None and not self.backoff:
+                # _update() inlined for the common case (one sample per ACK).
+                base = srtt + 4.0 * rttvar
+                if base < 2.0 * srtt:
+                    base = 2.0 * srtt
+                if base < self._min:
+                    base = self._min
+                if base > self._max:
+                    base = self._max
+                self.value = base
+                return
+        self._update()
 
     def progress(self) -> None:
-        self.backoff = 0
+        if self.backoff:
+            self.backoff = 0
+            self._update()
 
     def retransmitted(self) -> None:
         self.backoff = min(self.backoff + 1, 16)
+        self._update()
 
 
 class NetasciiEncoder:
@@ -274,23 +331,18 @@ def _error(code: int, message: str) -> bytes:
     return Error(code, message).encode()
 
 
-class _Block:
-    __slots__ = ("number", "datagram", "size", "first_sent", "resent")
-
-    def __init__(self, number: int, datagram: bytes, size: int, first_sent: float):
-        self.number = number  # absolute block number, 1-based, never wraps
-        self.datagram = datagram
-        self.size = size
-        self.first_sent = first_sent
-        self.resent = False
-
-
 class ReadSession:
     """Serves one read request (RRQ) from ``reader``.
 
     ``options`` are the client's options (lower-case names), ``mode`` is
     ``octet`` or ``netascii`` (case-insensitive).  The reader is closed when
     the session ends.
+
+    The reader is asked for ``limits.read_chunk`` bytes at a time and the
+    blocks are sliced out of that buffer, so a transfer costs one ``read``
+    per chunk instead of one per block.  ``receive`` handles an ACK during
+    the data phase (nearly every datagram of a transfer) without going
+    through the general decoder.
     """
 
     def __init__(
@@ -312,13 +364,22 @@ class ReadSession:
         self._source: Reader | NetasciiEncoder = reader
         self._state = "new"
         self._rto = _Rto(limits, None)
-        self._window: collections.deque[_Block] = collections.deque()
+        # The blocks sent and not yet acknowledged, oldest first, as
+        # (datagram, time first sent); the first is block number _base.
+        self._window: collections.deque[tuple[bytes, float]] = collections.deque()
         self._base = 1  # first unacknowledged absolute block
         self._next = 1  # next absolute block to read
+        self._resent_upto = 0  # blocks up to this one were sent more than once (Karn)
         self._eof = False  # the final (short) block has been read
         self._last_block: int | None = None
+        self._retries = limits.retries
         self._retries_left = limits.retries
         self._deadline: float | None = None
+        self._blksize = DEFAULT_BLKSIZE
+        self._windowsize = 1
+        self._chunk = DEFAULT_BLKSIZE
+        self._buffer = b""  # read ahead from the source; blocks are sliced from _position
+        self._position = 0
         self._oack = b""
         self._oack_sent = 0.0
         self._oack_resent = False
@@ -338,6 +399,9 @@ class ReadSession:
             self.negotiation = negotiate(self.options, self.limits, size=size)
         except OptionError as e:
             return self._finish(str(e), _error(ErrorCode.OPTION_REFUSED, "bad option value"))
+        blksize = self._blksize = self.negotiation.blksize
+        self._windowsize = self.negotiation.windowsize
+        self._chunk = max(blksize, self.limits.read_chunk // blksize * blksize)
         if self.negotiation.timeout is not None:
             self._rto = _Rto(self.limits, float(self.negotiation.timeout))
         if self.negotiation.accepted:
@@ -350,6 +414,9 @@ class ReadSession:
 
     def receive(self, datagram: bytes, now: float) -> Output:
         """Handle a datagram from the client's transfer ID."""
+        # Fast path: an ACK (opcode 4, at least 4 bytes) during the data phase.
+        if self._state == "data" and len(datagram) >= 4 and datagram[1] == 4 and datagram[0] == 0:
+            return self._on_ack((datagram[2] << 8) | datagram[3], now)
         if self.done:
             return Output(done=True, error=self.error)
         try:
@@ -371,18 +438,18 @@ class ReadSession:
             if not self._oack_resent:
                 self._rto.sample(now - self._oack_sent)
             self._rto.progress()
-            self._retries_left = self.limits.retries
+            self._retries_left = self._retries
             self._state = "data"
             return self._send_window(now)
         if self._state != "data":
             return self._idle()
-        return self._on_ack(packet.block, now)
+        return self._on_ack(packet.block, now)  # pragma: no cover - the fast path takes these
 
     def timeout(self, now: float) -> Output:
         """The deadline passed: retransmit, or give up after ``retries``."""
         if self.done:
             return Output(done=True, error=self.error)
-        if self._deadline is None or now < self._deadline - _EARLY:
+        if self._deadline is None or now < self._deadline - TIMER_SLACK:
             return self._idle()
         if self._retries_left <= 0:
             return self._finish(f"timed out after {self.limits.retries} retransmissions")
@@ -392,9 +459,8 @@ class ReadSession:
         if self._state == "oack":
             self._oack_resent = True
             return self._arm(now, [self._oack])
-        for block in self._window:
-            block.resent = True
-        return self._arm(now, [b.datagram for b in self._window])
+        self._resent_upto = self._next - 1
+        return self._arm(now, [datagram for datagram, _ in self._window])
 
     def abort(self, reason: str, notify: bool = True) -> Output:
         """End the session now (e.g. server shutdown), optionally telling the client."""
@@ -405,11 +471,11 @@ class ReadSession:
     # -- internals ----------------------------------------------------------
 
     def _idle(self) -> Output:
-        return Output(deadline=self._deadline)
+        return Output(None, self._deadline)
 
     def _arm(self, now: float, send: list[bytes]) -> Output:
-        self._deadline = now + self._rto.current()
-        return Output(send=send, deadline=self._deadline)
+        self._deadline = deadline = now + self._rto.value
+        return Output(send, deadline)
 
     def _finish(self, error: str | None, packet: bytes | None = None) -> Output:
         self.done = True
@@ -417,71 +483,93 @@ class ReadSession:
         self._state = "done"
         self._deadline = None
         self._window.clear()
+        self._buffer = b""
         try:
             self.reader.close()
         except Exception as e:  # a broken close must not break the I/O layer
             if error is None:
                 self.error = f"closing the reader failed: {e!r}"
-        return Output(send=[packet] if packet else [], done=True, error=self.error)
+        return Output([packet] if packet else [], None, True, self.error)
 
-    def _read_block(self) -> bytes:
-        size = self.negotiation.blksize
-        chunk = self._source.read(size)
-        if len(chunk) in (0, size):
-            return chunk
-        parts = [chunk]
-        have = len(chunk)
-        while have < size:
-            more = self._source.read(size - have)
-            if not more:
+    def _refill(self) -> bytes:
+        """The next block's payload when the buffer holds less than a block.
+
+        Reads ``_chunk`` bytes at a time until there is a whole block or the
+        source is exhausted (a short payload then: the final block).
+        """
+        size = self._blksize
+        chunk_size = self._chunk
+        rest = self._buffer[self._position :]
+        while len(rest) < size:
+            chunk = self._source.read(chunk_size)
+            if not chunk:
                 break
-            parts.append(more)
-            have += len(more)
-        return b"".join(parts)
+            if len(chunk) > chunk_size:
+                raise ValueError("reader returned more than requested")
+            rest = rest + chunk if rest else chunk
+        self._buffer = rest
+        self._position = min(size, len(rest))
+        return rest[:size]
 
     def _send_window(self, now: float) -> Output:
         """Top the window up to W blocks and send all of it."""
-        blksize = self.negotiation.blksize
-        pack = _DATA_HEADER.pack
-        try:
-            while len(self._window) < self.negotiation.windowsize and not self._eof:
-                payload = self._read_block()
-                if len(payload) > blksize:  # a reader returning too much
-                    raise ValueError("reader returned more than requested")
-                number = self._next
-                self._next += 1
-                self._window.append(_Block(number, pack(3, number & 0xFFFF) + payload, len(payload), now))
-                if len(payload) < blksize:
-                    self._eof = True
-                    self._last_block = number
-        except Exception as e:
-            return self._finish(f"reading the file failed: {e!r}", _error(ErrorCode.NOT_DEFINED, "read error"))
-        return self._arm(now, [b.datagram for b in self._window])
+        window = self._window
+        windowsize = self._windowsize
+        if not self._eof and len(window) < windowsize:
+            blksize = self._blksize
+            pack = _DATA_HEADER.pack
+            try:
+                while len(window) < windowsize:
+                    position = self._position
+                    end = position + blksize
+                    if end <= len(self._buffer):
+                        payload = self._buffer[position:end]
+                        self._position = end
+                    else:
+                        payload = self._refill()
+                    number = self._next
+                    self._next = number + 1
+                    window.append((pack(3, number & 0xFFFF) + payload, now))
+                    if len(payload) < blksize:
+                        self._eof = True
+                        self._last_block = number
+                        self._buffer = b""
+                        break
+            except Exception as e:
+                return self._finish(f"reading the file failed: {e!r}", _error(ErrorCode.NOT_DEFINED, "read error"))
+        self._deadline = deadline = now + self._rto.value
+        if len(window) == 1:
+            return Output([window[0][0]], deadline)
+        return Output([datagram for datagram, _ in window], deadline)
 
     def _on_ack(self, wire: int, now: float) -> Output:
         before = self._base - 1
         acked = before + ((wire - before) & 0xFFFF)
-        if acked == before:
-            return self._idle()  # duplicate ACK: never resend on it
-        if acked > before + len(self._window):
-            return self._idle()  # not a block we sent (stale or bogus)
-        block = None
-        while self._window and self._window[0].number <= acked:
-            block = self._window.popleft()
-            self.bytes_sent += block.size
-        assert block is not None
+        window = self._window
+        if acked == before or acked > before + len(window):
+            # A duplicate ACK (never resend on it), or one for a block we did
+            # not send (stale or bogus): nothing to do.
+            return Output(None, self._deadline)
+        datagram, sent = window.popleft()
+        size = len(datagram) - 4
+        if acked - before > 1:  # more than one block acknowledged (windows)
+            for _ in range(acked - before - 1):
+                datagram, sent = window.popleft()
+                size += len(datagram) - 4
+        self.bytes_sent += size
         self._base = acked + 1
-        if not block.resent:
-            self._rto.sample(now - block.first_sent)
-        self._rto.progress()
-        self._retries_left = self.limits.retries
-        if self._last_block is not None and acked == self._last_block:
+        rto = self._rto
+        if acked > self._resent_upto:
+            rto.sample(now - sent)
+        if rto.backoff:
+            rto.progress()
+        self._retries_left = self._retries
+        if acked == self._last_block:
             return self._finish(None)
-        # Blocks still in the window were sent but the client asks for the
-        # one after ``acked``: send them again (RFC 7440), plus new ones.
-        for rest in self._window:
-            rest.resent = True
-        if self._window:
+        if window:
+            # Blocks still in the window were sent but the client asks for
+            # the one after ``acked``: send them again (RFC 7440), plus new ones.
+            self._resent_upto = self._next - 1
             self.retransmissions += 1
         return self._send_window(now)
 
@@ -588,7 +676,7 @@ class WriteSession:
         """The deadline passed: repeat the last ACK/OACK, end dallying, or give up."""
         if self.done:
             return Output(done=True, error=self.error)
-        if self._deadline is None or now < self._deadline - _EARLY:
+        if self._deadline is None or now < self._deadline - TIMER_SLACK:
             return Output(deadline=self._deadline)
         if self._state == "dally":
             return self._end(None)
