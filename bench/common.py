@@ -2,7 +2,7 @@
 
 Everything the bench starts is registered with ``CLEANUP`` and stopped by
 pid (never by name) when the bench ends, also on Ctrl-C, SIGTERM or an
-exception.  Network namespaces are created with a ``zpb-<random>`` prefix
+exception.  Network namespaces are created with a ``zpb-<pid>-<random>`` prefix
 and deleted afterwards; traffic only ever goes to 127.0.0.1 or to the
 namespaces and veth pairs created here.
 """
@@ -192,12 +192,31 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run(["ip", *args], timeout=20, check=check)
 
 
+def _ns_name(rest: str) -> str:
+    """``zpb-<pid of this run>-<rest>``: a later run can tell whether its owner still runs."""
+    return f"{NS_PREFIX}{os.getpid()}-{rest}"
+
+
+def _owner_alive(name: str) -> bool:
+    owner = name[len(NS_PREFIX):].split("-", 1)[0]
+    if not owner.isdigit() or int(owner) == os.getpid():
+        return False
+    try:
+        os.kill(int(owner), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_namespaces() -> None:
-    """Namespaces left by an earlier run of the bench that was killed hard."""
+    """Namespaces left by an earlier run of the bench that was killed hard
+    (not those of another run still going)."""
     out = ip("netns", "list", check=False).stdout
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(NS_PREFIX):
+        if name.startswith(NS_PREFIX) and not _owner_alive(name):
             _kill_ns(name)
             ip("netns", "del", name, check=False)
 
@@ -244,7 +263,7 @@ class NetPair:
 
 def make_pair(prefix: str = "10.211") -> NetPair:
     tag = secrets.token_hex(3)
-    n = NetPair(tag, prefix, f"{NS_PREFIX}{tag}-s", f"{NS_PREFIX}{tag}-c", f"zbs{tag}", f"zbc{tag}")
+    n = NetPair(tag, prefix, _ns_name(f"{tag}-s"), _ns_name(f"{tag}-c"), f"zbs{tag}", f"zbc{tag}")
 
     def remove() -> None:
         for ns in n.created:
@@ -271,7 +290,7 @@ def make_pair(prefix: str = "10.211") -> NetPair:
 
 def make_single_ns(name: str) -> tuple[str, Callable[[], None]]:
     """One namespace with only its loopback up (for dnsmasq's TFTP on port 69), and its remover."""
-    ns = f"{NS_PREFIX}{secrets.token_hex(3)}-{name}"
+    ns = _ns_name(f"{secrets.token_hex(3)}-{name}")
 
     def remove() -> None:
         _kill_ns(ns)
