@@ -387,6 +387,11 @@ def test_udhcpc_gets_pool_address_and_provisioning_options(client: Net, helpers:
     assert "DHCPOFFER to" in log and "DHCPACK to" in log
     assert f"address {p}.100 (selecting)" in log
     assert "vendor class 'Yealink SIP-T46S'" in log
+    # Replies are logged at debug level (the helper runs with -v); the info
+    # summary of what happened since the last one comes at the latest at stop.
+    assert "[zprovd.dhcp#debug] DHCP: DHCPOFFER to" in log
+    helper.stop()
+    assert "DHCP: last " in helper.log() and "replies 1 DHCPACK, 1 DHCPOFFER" in helper.log(), helper.log()
 
 
 @needs_udhcpc

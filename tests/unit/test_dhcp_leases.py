@@ -410,3 +410,319 @@ def test_probe_reports_a_missing_interface():
     out = io.StringIO()
     assert probe("zpt-nosuch0", 0.2, out) == 2
     assert "error: cannot probe zpt-nosuch0" in out.getvalue()
+
+
+# Allocation with the never-used cursor: edge cases ---------------------------
+#
+# New addresses come from a cursor over the pool plus a heap of addresses
+# behind it that lost their record ("holes"); these tests pin down that the
+# result is what a walk of the whole pool would give.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def test_full_pool_gives_the_record_free_the_longest_whatever_its_state():
+    # B released at +10 (free since then), A's offer lapsed at +60, C's lease at +600.
+    leases = db("10.0.0.10-10.0.0.12", offer_time=60)
+    leases.offer(A, T0)
+    leases.commit(B, leases.offer(B, T0).ip, T0)
+    leases.release(B, ip("10.0.0.11"), T0 + 10)
+    leases.commit(C, leases.offer(C, T0).ip, T0)
+    assert leases.offer(D, T0 + 100).ip == ip("10.0.0.11")
+    assert leases.offer("00156500e001", T0 + 100).ip == ip("10.0.0.10")
+    assert leases.offer("00156500e002", T0 + 159) is None
+    # At +600: the two offers of +100 lapsed at +160, before C's lease ends: lowest address first.
+    assert leases.offer("00156500e002", T0 + 600).ip == ip("10.0.0.10")
+
+
+def test_full_pool_prefers_a_lapsed_offer_to_a_later_release():
+    leases = db("10.0.0.10-10.0.0.11", offer_time=60)
+    leases.offer(A, T0)
+    leases.commit(B, leases.offer(B, T0).ip, T0)
+    leases.release(B, ip("10.0.0.11"), T0 + 90)
+    assert leases.offer(C, T0 + 100).ip == ip("10.0.0.10")  # free since +60
+    assert leases.offer(D, T0 + 100).ip == ip("10.0.0.11")  # free since +90
+
+
+def test_full_pool_gives_a_bound_lease_past_its_time_before_expire_runs():
+    leases = db("10.0.0.10-10.0.0.10")
+    leases.commit(A, leases.offer(A, T0).ip, T0)
+    assert leases.offer(B, T0 + 599) is None
+    assert leases.offer(B, T0 + 600).ip == ip("10.0.0.10")  # no expire() in between
+
+
+def test_full_pool_never_gives_a_remembered_record_at_a_reserved_address(tmp_path):
+    path = tmp_path / LEASE_FILE_NAME
+    write_leases(path, [
+        {"mac": A, "ip": "10.0.0.10", "state": "expired", "expires": T0 - 100},
+        {"mac": B, "ip": "10.0.0.11", "state": "expired", "expires": T0 - 50},
+    ])
+    leases = LeaseDatabase.load(path, pool("10.0.0.10-10.0.0.11"), 600, reserved=[ip("10.0.0.10")])
+    assert leases.offer(C, T0).ip == ip("10.0.0.11")
+    assert leases.offer(D, T0) is None
+
+
+class EagerLeaseDatabase(LeaseDatabase):
+    """Rebuilds its heaps of remembered records as soon as they hold one stale entry too many."""
+
+    heap_slack = 0
+
+
+@pytest.mark.parametrize("kind", [LeaseDatabase, EagerLeaseDatabase])
+def test_heaps_of_remembered_records_survive_their_rebuilds(kind):
+    leases = kind(pool("10.0.0.10-10.0.0.13"), 600, offer_time=60)
+    clients = macs(4)
+    for mac in clients:
+        leases.offer(mac, T0)
+    for round_ in range(1, 30):  # renewals leave stale entries behind
+        leases.commit(clients[1], ip("10.0.0.11"), T0 + round_)
+        leases.commit(clients[3], ip("10.0.0.13"), T0 + round_)
+    assert len(leases._held) + len(leases._freed) <= 2 * 4 + kind.heap_slack + 1
+    # The offers to clients 0 and 2 lapsed at +60: they go first, lowest address first.
+    assert leases.offer(A, T0 + 61).ip == ip("10.0.0.10")
+    assert leases.offer(B, T0 + 61).ip == ip("10.0.0.12")
+    assert leases.offer(C, T0 + 61) is None
+    # Much later every record is free: ordered by when each became so, then by address.
+    got = [leases.offer(m, T0 + 700).ip for m in (C, D, *macs(2, 0x200))]
+    assert got == [ip("10.0.0.10"), ip("10.0.0.12"), ip("10.0.0.11"), ip("10.0.0.13")]
+
+
+def write_leases(path: Path, entries: list[dict]) -> None:
+    path.write_text(json.dumps({"format": "zprovd-dhcp-leases", "version": 1, "leases": entries}))
+
+
+def macs(n: int, first: int = 0x100) -> list[str]:
+    return [f"0015650{i:05x}" for i in range(first, first + n)]
+
+
+def test_cursor_skips_reserved_addresses_between_others():
+    leases = db("10.0.0.10-10.0.0.15", reserved=[ip("10.0.0.11"), ip("10.0.0.12"), ip("10.0.0.15")])
+    got = [leases.offer(m, T0) for m in macs(4)]
+    assert [l.ip if l else None for l in got] == [ip("10.0.0.10"), ip("10.0.0.13"), ip("10.0.0.14"), None]
+
+
+def test_reserved_is_fixed_and_replacing_it_renumbers():
+    leases = db("10.0.0.10-10.0.0.12", reserved=[ip("10.0.0.10")])
+    assert leases.offer(A, T0).ip == ip("10.0.0.11")
+    with pytest.raises(AttributeError):
+        leases.reserved.discard(ip("10.0.0.10"))  # a frozenset: the cursor cannot be fooled
+    leases.reserved = []
+    assert leases.offer(B, T0).ip == ip("10.0.0.10")  # behind the cursor, found again
+    assert leases.offer(C, T0).ip == ip("10.0.0.12")
+
+
+def test_cursor_skips_requested_addresses_ahead_of_it():
+    leases = db("10.0.0.10-10.0.0.14")
+    assert leases.offer(A, T0, requested=ip("10.0.0.11")).ip == ip("10.0.0.11")
+    assert leases.offer(B, T0, requested=ip("10.0.0.12")).ip == ip("10.0.0.12")
+    assert [leases.offer(m, T0).ip for m in macs(3)] == [ip("10.0.0.10"), ip("10.0.0.13"), ip("10.0.0.14")]
+
+
+def test_declined_address_behind_the_cursor_returns_after_its_quarantine_only():
+    leases = db("10.0.0.10-10.0.0.14", decline_time=100)
+    a, b = leases.offer(A, T0), leases.offer(B, T0)
+    assert leases.decline(A, a.ip, T0)
+    assert leases.decline(B, b.ip, T0)
+    # During the quarantine the cursor goes on past them.
+    assert leases.offer(C, T0 + 1).ip == ip("10.0.0.12")
+    leases.expire(T0 + 50)
+    assert leases.offer(D, T0 + 50).ip == ip("10.0.0.13")
+    # Quarantine over: both are never-used again, lowest first, before the rest of the pool.
+    leases.expire(T0 + 101)
+    first, second, third = macs(3)
+    assert leases.offer(first, T0 + 101).ip == ip("10.0.0.10")
+    assert leases.offer(second, T0 + 101).ip == ip("10.0.0.11")
+    assert leases.offer(third, T0 + 101).ip == ip("10.0.0.14")
+
+
+def test_client_moved_off_a_now_reserved_address_does_not_free_it(tmp_path):
+    # A's lease is at what became the server's address: A moves, and the
+    # address its record leaves behind the cursor stays reserved.
+    path = tmp_path / LEASE_FILE_NAME
+    write_leases(path, [{"mac": A, "ip": "10.0.0.11", "state": "bound", "expires": T0 + 1000}])
+    leases = LeaseDatabase.load(path, pool("10.0.0.10-10.0.0.13"), 600, reserved=[ip("10.0.0.11")])
+    assert leases.offer(B, T0).ip == ip("10.0.0.10")
+    assert leases.offer(C, T0).ip == ip("10.0.0.12")
+    assert leases.offer(A, T0 + 1).ip == ip("10.0.0.13")
+    assert leases.lease_at(ip("10.0.0.11")) is None
+    assert leases.offer(D, T0 + 2) is None
+
+
+def test_pool_exhausted_then_released_address_reused():
+    leases = db("10.0.0.10-10.0.0.12")
+    clients = macs(3)
+    for mac in clients:
+        leases.commit(mac, leases.offer(mac, T0).ip, T0)
+    assert leases.offer(A, T0 + 1) is None
+    assert leases.release(clients[1], ip("10.0.0.11"), T0 + 2)
+    assert leases.offer(A, T0 + 3).ip == ip("10.0.0.11")
+    assert leases.lease_for(clients[1]) is None
+    assert leases.offer(B, T0 + 3) is None
+    # Two more released: the one free the longest goes first.
+    leases.release(clients[2], ip("10.0.0.12"), T0 + 10)
+    leases.release(clients[0], ip("10.0.0.10"), T0 + 20)
+    assert leases.offer(B, T0 + 30).ip == ip("10.0.0.12")
+    assert leases.offer(C, T0 + 30).ip == ip("10.0.0.10")
+    assert leases.offer(D, T0 + 30) is None
+
+
+def test_exhausted_pool_hands_out_a_quarantine_that_ended_before_expire_runs():
+    leases = db("10.0.0.10-10.0.0.11", decline_time=100)
+    leases.decline(A, leases.offer(A, T0).ip, T0)
+    leases.commit(B, leases.offer(B, T0).ip, T0)
+    assert leases.offer(C, T0 + 99) is None
+    assert leases.offer(C, T0 + 100).ip == ip("10.0.0.10")  # no expire() in between
+
+
+def test_cursor_crosses_ranges_in_pool_order():
+    leases = db("10.0.0.20-10.0.0.21", "10.0.0.10-10.0.0.11", reserved=[ip("10.0.0.21")])
+    got = [leases.offer(m, T0).ip for m in macs(3)]
+    assert got == [ip("10.0.0.20"), ip("10.0.0.10"), ip("10.0.0.11")]
+    leases.decline(macs(3)[0], ip("10.0.0.20"), T0)
+    leases.expire(T0 + leases.decline_time)
+    # The hole in the first range comes before anything after it.
+    assert leases.offer(A, T0 + leases.decline_time).ip == ip("10.0.0.20")
+
+
+def test_load_with_leases_in_the_middle_of_the_range(tmp_path):
+    path = tmp_path / LEASE_FILE_NAME
+    write_leases(path, [
+        {"mac": A, "ip": "10.0.0.12", "state": "bound", "expires": T0 + 1000},
+        {"mac": B, "ip": "10.0.0.13", "state": "released", "expires": T0 - 5},
+        {"mac": "", "ip": "10.0.0.15", "state": "declined", "expires": T0 + 1000},
+    ])
+    leases = LeaseDatabase.load(path, pool("10.0.0.10-10.0.0.17"), 600)
+    got = [leases.offer(m, T0).ip for m in macs(4)]
+    assert got == [ip("10.0.0.10"), ip("10.0.0.11"), ip("10.0.0.14"), ip("10.0.0.16")]
+    # B's remembered address waits for B, A keeps its lease.
+    assert leases.offer(B, T0 + 1).ip == ip("10.0.0.13")
+    assert leases.offer(A, T0 + 1).state == BOUND
+    # Then the last never-used one, then nothing (the declined one is quarantined).
+    assert leases.offer(C, T0 + 1).ip == ip("10.0.0.17")
+    assert leases.offer(D, T0 + 1) is None
+
+
+def test_load_then_remembered_record_reclaimed_when_the_pool_is_full(tmp_path):
+    path = tmp_path / LEASE_FILE_NAME
+    write_leases(path, [
+        {"mac": A, "ip": "10.0.0.11", "state": "expired", "expires": T0 - 100},
+        {"mac": B, "ip": "10.0.0.10", "state": "expired", "expires": T0 - 50},
+    ])
+    leases = LeaseDatabase.load(path, pool("10.0.0.10-10.0.0.12"), 600)
+    assert leases.offer(C, T0).ip == ip("10.0.0.12")
+    assert leases.offer(D, T0).ip == ip("10.0.0.11")  # A's, free the longest
+    assert leases.lease_for(A) is None and leases.lease_for(B).ip == ip("10.0.0.10")
+
+
+def test_lease_survives_load_and_cursor_starts_after_it(tmp_path):
+    path = tmp_path / LEASE_FILE_NAME
+    leases = db("10.0.0.10-10.0.0.13", path=path)
+    for mac in (A, B):
+        leases.commit(mac, leases.offer(mac, T0).ip, T0)
+    leases.save()
+    again = LeaseDatabase.load(path, leases.pool, 600)
+    assert again.offer(A, T0 + 5).ip == ip("10.0.0.10")
+    assert again.offer(C, T0 + 5).ip == ip("10.0.0.12")
+
+
+def test_dumps_is_json_one_record_a_line(tmp_path):
+    leases = db("10.0.0.10-10.0.0.12", path=tmp_path / LEASE_FILE_NAME)
+    assert json.loads(leases.dumps()) == {"format": "zprovd-dhcp-leases", "version": 1, "leases": []}
+    leases.offer(A, T0, hostname='desk "1"\n\\', vendor_class="Snom D785 \u00e9\u2603\U0001f600")
+    leases.commit(B, leases.offer(B, T0).ip, 1_700_000_600)  # an int time, as a caller may pass
+    lines = leases.dumps().decode("ascii").splitlines()
+    assert len(lines) == 4  # head, two records, tail
+    assert lines[1] == json.dumps(leases.lease_for(A).to_json()) + ","
+    assert lines[2] == json.dumps(leases.lease_for(B).to_json())
+    leases.save()
+    assert [l.to_json() for l in read_lease_file(leases.path)[0]] == [l.to_json() for l in leases.leases()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.text(max_size=20),
+    st.text(max_size=20),
+    st.one_of(st.floats(allow_nan=False), st.integers(-(2**40), 2**40), st.sampled_from([float("inf"), float("-inf")])),
+)
+def test_dumps_writes_what_json_would(hostname, vendor_class, expires):
+    leases = db()
+    lease = leases.offer(A, T0, hostname=hostname, vendor_class=vendor_class)
+    lease.expires = expires
+    data = json.loads(leases.dumps())
+    assert data["leases"] == [json.loads(json.dumps(lease.to_json()))]
+    assert leases.dumps().decode("ascii").splitlines()[1] == json.dumps(lease.to_json())
+
+
+# The allocator against a reference that walks the whole pool ------------------
+
+
+class WalkingLeaseDatabase(LeaseDatabase):
+    """The allocation rule written the slow, obvious way (the code before the cursor and heaps)."""
+
+    def _free_address(self, mac, now):
+        for r in self.pool:
+            for value in range(int(r.start), int(r.end) + 1):
+                address = IPv4Address(value)
+                if address not in self._by_ip and address not in self.reserved:
+                    return address
+        candidates = [l for l in self._by_ip.values() if self._available(l.ip, mac, now)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda l: (l.expires, l.ip)).ip
+
+
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["offer", "offer", "offer", "request", "commit", "release", "decline", "decline", "cancel",
+                         "expire", "reload"]),
+        st.integers(min_value=0, max_value=9),     # client
+        st.integers(min_value=0, max_value=13),    # requested address (some outside the pool)
+        st.integers(min_value=0, max_value=200),   # seconds to advance
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPERATIONS, st.sets(st.integers(min_value=0, max_value=13), max_size=3), st.booleans(),
+       st.sampled_from([LeaseDatabase, EagerLeaseDatabase]))
+def test_allocation_matches_a_walk_of_the_whole_pool(tmp_path_factory, operations, reserved_at, two_ranges, kind):
+    ranges = ("10.0.0.4-10.0.0.8", "10.0.0.0-10.0.0.2") if two_ranges else ("10.0.0.0-10.0.0.8",)
+    reserved = [IPv4Address(f"10.0.0.{i}") for i in reserved_at]
+    kwargs = {"offer_time": 30, "decline_time": 60, "reserved": reserved}
+    fast = kind(pool(*ranges), 120, **kwargs)
+    slow = WalkingLeaseDatabase(pool(*ranges), 120, **kwargs)
+    path = tmp_path_factory.mktemp("leases") / LEASE_FILE_NAME
+    now = T0
+    for op, client, address, advance in operations:
+        now += advance
+        mac = f"00156500{client:04x}"
+        wanted = IPv4Address(f"10.0.0.{address}")
+        for leases in (fast, slow):
+            leases.path = path
+        if op in ("offer", "request"):
+            requested = wanted if op == "request" else None
+            got = [leases.offer(mac, now, requested=requested) for leases in (fast, slow)]
+            assert [l.ip if l else None for l in got] == [l.ip if l else None for l in got[1:] + got[:1]]
+        elif op == "commit":
+            own = slow.lease_for(mac)
+            target = own.ip if own is not None and address % 2 else wanted
+            assert (fast.commit(mac, target, now) is None) == (slow.commit(mac, target, now) is None)
+        elif op == "release":
+            own = slow.lease_for(mac)
+            target = own.ip if own is not None else wanted
+            assert fast.release(mac, target, now) == slow.release(mac, target, now)
+        elif op == "decline":
+            own = slow.lease_for(mac)
+            target = own.ip if own is not None else wanted
+            assert fast.decline(mac, target, now) == slow.decline(mac, target, now)
+        elif op == "cancel":
+            assert fast.cancel_offer(mac, now) == slow.cancel_offer(mac, now)
+        elif op == "expire":
+            assert [l.ip for l in fast.expire(now)] == [l.ip for l in slow.expire(now)]
+        elif op == "reload":
+            fast.save()
+            fast = kind.load(path, pool(*ranges), 120, **kwargs)
+            slow = WalkingLeaseDatabase.load(path, pool(*ranges), 120, **kwargs)
+        assert [l.to_json() for l in fast.leases()] == [l.to_json() for l in slow.leases()]

@@ -544,3 +544,153 @@ def test_service_refuses_an_unreadable_lease_file(tmp_path):
     with pytest.raises(DHCPStartError, match="not a lease file .*move it away"):
         service.startService()
     assert not service.running
+
+
+# Logging: replies at debug, a summary at info ------------------------------------
+
+import os  # noqa: E402
+import socket  # noqa: E402
+
+from twisted.logger import LogLevel, Logger, formatEvent  # noqa: E402
+
+from zprovd.dhcp import service as service_module  # noqa: E402
+
+
+@pytest.fixture
+def events(monkeypatch):
+    captured: list[dict] = []
+    monkeypatch.setattr(service_module, "log", Logger(namespace="zprovd.dhcp", observer=captured.append))
+    return captured
+
+
+def info_lines(events) -> list[str]:
+    return [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+
+
+def test_replies_are_logged_at_debug_and_summed_up_at_info(tmp_path, events):
+    service = wired_service(tmp_path, "server")
+    service._start_summary()
+    service.datagram_received(encode(message(DISCOVER)), ("0.0.0.0", 68))
+    offer = decode(service.port.sent[-1][0])
+    service.datagram_received(
+        encode(message(REQUEST, server_id=SERVER_IP, requested=offer.yiaddr)), ("0.0.0.0", 68))
+    service.datagram_received(encode(message(DISCOVER, mac=OTHER, vendor="x")), ("0.0.0.0", 68))  # no match
+    service.datagram_received(b"junk", ("10.0.0.9", 68))
+    replies = [formatEvent(e) for e in events if "DHCPOFFER to" in formatEvent(e) or "DHCPACK to" in formatEvent(e)]
+    assert len(replies) == 2
+    assert all(e["log_level"] == LogLevel.debug for e in events if formatEvent(e) in replies)
+    assert info_lines(events) == []
+    service.reactor.advance(service.summary_interval)
+    assert info_lines(events) == [
+        "DHCP: last 10 s: received 4; replies 1 DHCPACK, 1 DHCPOFFER; ignored 1; malformed 1"]
+    # Nothing happened since: no line.
+    service.reactor.advance(service.summary_interval * 3)
+    assert len(info_lines(events)) == 1
+    service.datagram_received(encode(message(INFORM, ciaddr=ip("10.0.0.50"))), ("10.0.0.50", 68))
+    service.reactor.advance(service.summary_interval)
+    assert info_lines(events)[1] == "DHCP: last 10 s: received 1; replies 1 DHCPACK"
+    # /metrics keeps the totals.
+    assert dict(service.replies_by_type) == {"DHCPOFFER": 1, "DHCPACK": 2}
+
+
+def test_summary_counts_send_errors(tmp_path, events):
+    service = wired_service(tmp_path, "inform", port=FakePort(fail=True))
+    service._start_summary()
+    service.datagram_received(encode(message(INFORM, ciaddr=ip("10.0.0.50"))), ("10.0.0.50", 68))
+    service.reactor.advance(service.summary_interval)
+    assert info_lines(events)[-1] == "DHCP: last 10 s: received 1; replies 0; send errors 1"
+
+
+def test_summary_stops_with_the_service_after_a_last_line(tmp_path, events):
+    service = wired_service(tmp_path, "inform")
+    service._start_summary()
+    service.reactor.advance(4)
+    service.datagram_received(encode(message(INFORM, ciaddr=ip("10.0.0.50"))), ("10.0.0.50", 68))
+    service.reactor.advance(2)
+    service.stopService()
+    assert info_lines(events) == ["DHCP: last 6 s: received 1; replies 1 DHCPACK"]
+    assert service.reactor.getDelayedCalls() == []  # nothing left scheduled
+    service.reactor.advance(100)
+    assert len(info_lines(events)) == 1
+
+
+def test_summary_reports_datagrams_the_kernel_dropped(tmp_path, events, monkeypatch):
+    class PortWithFd(FakePort):
+        def fileno(self):
+            return 7
+
+    drops = iter([0, 5, 5, 12])
+    monkeypatch.setattr(service_module, "socket_drops", lambda fd: next(drops) if fd == 7 else None)
+    service = wired_service(tmp_path, "inform", port=PortWithFd())
+    service._start_summary()
+    for _ in range(4):
+        service.datagram_received(b"junk", ("10.0.0.9", 68))
+        service.reactor.advance(service.summary_interval)
+    assert info_lines(events) == [
+        "DHCP: last 10 s: received 1; replies 0; malformed 1",
+        "DHCP: last 10 s: received 1; replies 0; malformed 1; dropped by the kernel (receive buffer full) 5",
+        "DHCP: last 10 s: received 1; replies 0; malformed 1",
+        "DHCP: last 10 s: received 1; replies 0; malformed 1; dropped by the kernel (receive buffer full) 7",
+    ]
+    assert service.stats["kernel_drops"] == 12
+
+
+# The socket: receive buffer and drop counter -------------------------------------
+
+
+def test_set_receive_buffer_grows_the_buffer_and_reports_it():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        small = service_module.receive_buffer_size(sock)
+        granted = service_module.set_receive_buffer(sock, 1024 * 1024)
+        assert granted == service_module.receive_buffer_size(sock)
+        assert granted > small  # how much more depends on net.core.rmem_max and privileges
+
+
+def test_set_receive_buffer_ignores_failures():
+    class Refusing:
+        def setsockopt(self, *args):
+            raise OSError(1, "Operation not permitted")
+
+        def getsockopt(self, *args):
+            return 2 * 212992
+
+    assert service_module.set_receive_buffer(Refusing(), 4 * 1024 * 1024) == 212992
+
+
+def test_socket_drops_reads_the_drop_counter(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        inode = os.fstat(sock.fileno()).st_ino
+        table = tmp_path / "udp"
+        table.write_text(
+            "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n"
+            "   1: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2 0000000000000000 3\n"
+            f"   2: 00000000:0043 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 {inode} 2 0000000000000000 42\n"
+        )
+        assert service_module.socket_drops(sock.fileno(), str(table)) == 42
+        table.write_text(table.read_text().splitlines()[0] + "\n")
+        assert service_module.socket_drops(sock.fileno(), str(table)) is None
+        assert service_module.socket_drops(sock.fileno(), str(tmp_path / "missing")) is None
+    assert service_module.socket_drops(9999) is None  # not an open descriptor
+
+
+def test_socket_drops_counts_real_drops_on_loopback():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        receiver.bind(("127.0.0.1", 0))
+        if service_module.socket_drops(receiver.fileno()) is None:
+            pytest.skip("no /proc/net/udp here")
+        assert service_module.socket_drops(receiver.fileno()) == 0
+        for _ in range(200):
+            sender.sendto(bytes(1000), receiver.getsockname())
+        drops = service_module.socket_drops(receiver.fileno())
+        assert drops is not None and drops > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE and SO_RCVBUFFORCE need root")
+def test_dhcp_socket_gets_a_large_receive_buffer():
+    with service_module.open_dhcp_socket("lo", 0) as sock:
+        assert service_module.receive_buffer_size(sock) >= service_module.RECEIVE_BUFFER
+    with service_module.open_dhcp_socket("lo", 0, receive_buffer=0) as sock:
+        assert service_module.receive_buffer_size(sock) < service_module.RECEIVE_BUFFER

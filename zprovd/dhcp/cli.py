@@ -80,7 +80,7 @@ def probe(interface: str, timeout: float, out: TextIO) -> int:
     if not 0 < timeout <= MAX_PROBE_TIMEOUT:
         print(f"error: the timeout must be between 0 and {MAX_PROBE_TIMEOUT:g} seconds", file=out)
         return 2
-    from zprovd.dhcp.service import probe_servers  # imports Twisted and scapy: only when probing
+    from zprovd.dhcp.service import probe_servers  # imports Twisted: only when probing
 
     try:
         answers = probe_servers(interface, timeout)

@@ -14,6 +14,24 @@ One record per address the server has handed out, keyed by client MAC:
     a client reported the address in use (DHCPDECLINE); not handed out
     for ``decline_time`` seconds.  Belongs to no client.
 
+Allocation is cheap however many records there are: the pool is numbered
+in order (its ranges one after the other) and a cursor marks the first
+address never looked at; every address from the cursor on that is neither
+recorded nor reserved is never-used, so a new client costs O(1) amortised.
+An address behind the cursor that loses its record (a quarantine that
+ended, say) goes into a heap of "holes", lowest first, so that the
+never-used address handed out is always the first one in pool order, as a
+walk of the whole pool would find.  Only when neither cursor nor holes
+have an address left does a remembered record give up its address: the
+one free the longest, found through two heaps of records ordered by
+``(expires, address)`` (records in a holding state, which are free once
+their time is up, and released or expired ones, free already).  The heaps
+are lazy: a change pushes the record again and entries that no longer
+describe their record are dropped when they come to the top, or all at once
+when they outnumber the records.
+``pool`` and ``reserved`` may be replaced (which renumbers) but not changed
+in place (``reserved`` is a frozenset).
+
 ``save()`` writes every record to a JSON file atomically (a temporary file
 in the same directory, fsynced, then renamed over the old one: a failed
 write leaves the old file as it was); ``load()`` reads it back at start so
@@ -25,11 +43,16 @@ persisted.
 
 from __future__ import annotations
 
+import heapq
 import json
+import math
 import os
 import tempfile
+from bisect import bisect_right
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from itertools import count
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -104,6 +127,23 @@ class Lease:
         )
 
 
+def _record_line(lease: Lease) -> str:
+    """``json.dumps(lease.to_json())``, the same text, in a third of the time."""
+    expires = lease.expires
+    return _RECORD % (
+        _json_string(lease.mac),
+        lease.ip,
+        _json_string(lease.state),
+        float.__repr__(expires) if type(expires) is float and math.isfinite(expires) else json.dumps(expires),
+        _json_string(lease.hostname),
+        _json_string(lease.vendor_class),
+    )
+
+
+_RECORD = '{"mac": %s, "ip": "%s", "state": %s, "expires": %s, "hostname": %s, "vendor_class": %s}'
+_json_string = encode_basestring_ascii
+
+
 def read_lease_file(path: Path) -> tuple[list[Lease], list[str]]:
     """The records of a lease file and the reasons for the entries skipped.
 
@@ -162,6 +202,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 class LeaseDatabase:
     """Address allocation over a pool; see the module docstring."""
 
+    heap_slack = 64
+    """Stale heap entries tolerated beyond one per record before the heaps are rebuilt."""
+
     def __init__(
         self,
         pool: Sequence[PoolRange],
@@ -172,19 +215,81 @@ class LeaseDatabase:
         decline_time: float = 3600.0,
         reserved: Iterable[IPv4Address] = (),
     ):
-        self.pool = list(pool)
+        self._by_mac: dict[str, Lease] = {}
+        self._by_ip: dict[IPv4Address, Lease] = {}
+        self._pool: list[PoolRange] = []
+        self._reserved: frozenset[IPv4Address] = frozenset()
+        self.pool = pool
+        self.reserved = frozenset(reserved)
         self.lease_time = lease_time
         self.path = path
         self.offer_time = offer_time
         self.decline_time = decline_time
-        self.reserved = set(reserved)
         self.dirty = False
         self.dropped: list[Lease] = []
         """Records read from the file whose address is no longer in the pool."""
         self.skipped: list[str] = []
         """Reasons for unreadable entries of the file."""
-        self._by_mac: dict[str, Lease] = {}
-        self._by_ip: dict[IPv4Address, Lease] = {}
+
+    @property
+    def pool(self) -> list[PoolRange]:
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: Sequence[PoolRange]) -> None:
+        self._pool = list(pool)
+        self._renumber()
+
+    @property
+    def reserved(self) -> frozenset[IPv4Address]:
+        """Addresses never handed out (the server's own, the router)."""
+        return self._reserved
+
+    @reserved.setter
+    def reserved(self, reserved: Iterable[IPv4Address]) -> None:
+        self._reserved = frozenset(reserved)
+        self._renumber()
+
+    def _renumber(self) -> None:
+        """(Re)build the pool numbering and restart the never-used cursor."""
+        self._ranges: list[tuple[int, int]] = []
+        self._offsets: list[int] = []
+        """Number of the first address of each range: the ranges one after the other."""
+        total = 0
+        for r in self._pool:
+            start, end = int(r.start), int(r.end)
+            if end < start:
+                continue
+            self._ranges.append((start, end))
+            self._offsets.append(total)
+            total += end - start + 1
+        self._total = total
+        self._cursor = 0
+        """Every address numbered from here on that is neither recorded nor reserved is free."""
+        self._holes: list[int] = []
+        """Heap of numbers below the cursor whose record went away (may hold stale ones)."""
+        self._hole_set: set[int] = set()
+        self._rebuild_heaps()
+
+    def _rebuild_heaps(self) -> None:
+        """The heaps of remembered records, from the records alone (dropping stale entries)."""
+        self._held: list[tuple[float, int, int, Lease]] = []
+        """(expires, address, tie-break, record) of records offered, bound or declined."""
+        self._freed: list[tuple[float, int, int, Lease]] = []
+        """The same for released and expired records."""
+        self._tie = count()
+        for lease in self._by_ip.values():
+            heap = self._held if lease.state in _HOLDING else self._freed
+            heap.append((lease.expires, int(lease.ip), next(self._tie), lease))
+        heapq.heapify(self._held)
+        heapq.heapify(self._freed)
+
+    def _track(self, lease: Lease) -> None:
+        """``lease`` changed state or time: (re)enter it in its heap."""
+        heap = self._held if lease.state in _HOLDING else self._freed
+        heapq.heappush(heap, (lease.expires, int(lease.ip), next(self._tie), lease))
+        if len(self._held) + len(self._freed) > 2 * len(self._by_ip) + self.heap_slack:
+            self._rebuild_heaps()
 
     @classmethod
     def load(cls, path: Path, pool: Sequence[PoolRange], lease_time: int, **kwargs: Any) -> LeaseDatabase:
@@ -200,6 +305,7 @@ class LeaseDatabase:
                 db._remove(db._by_mac.get(lease.mac))
                 db._by_mac[lease.mac] = lease
             db._by_ip[lease.ip] = lease
+        db._rebuild_heaps()
         db.dirty = False
         return db
 
@@ -216,7 +322,7 @@ class LeaseDatabase:
         return self._by_ip.get(ip)
 
     def leases(self) -> list[Lease]:
-        return sorted(self._by_ip.values(), key=lambda l: l.ip)
+        return sorted(self._by_ip.values(), key=lambda l: int(l.ip))
 
     def held_by_other(self, ip: IPv4Address, mac: str, now: float) -> bool:
         """Is ``ip`` currently offered, bound or declined to anyone but ``mac``?"""
@@ -228,20 +334,77 @@ class LeaseDatabase:
     def _available(self, ip: IPv4Address, mac: str, now: float) -> bool:
         return self.in_pool(ip) and ip not in self.reserved and not self.held_by_other(ip, mac, now)
 
-    def _addresses(self) -> Iterable[IPv4Address]:
-        for r in self.pool:
-            for value in range(int(r.start), int(r.end) + 1):
-                yield IPv4Address(value)
+    def _number(self, value: int) -> int | None:
+        """The number of an address (as an integer) in pool order; None if outside the pool."""
+        for offset, (start, end) in zip(self._offsets, self._ranges):
+            if start <= value <= end:
+                return offset + value - start
+        return None
+
+    def _address(self, number: int) -> IPv4Address:
+        i = bisect_right(self._offsets, number) - 1
+        return IPv4Address(self._ranges[i][0] + number - self._offsets[i])
+
+    def _unused_address(self) -> IPv4Address | None:
+        """The first address in pool order that is neither recorded nor reserved.
+
+        What a walk of the whole pool would find, in O(1) amortised: the
+        lowest valid hole (every hole is below the cursor), else the cursor,
+        moved past recorded and reserved addresses (it never moves back).
+        """
+        by_ip, reserved, holes = self._by_ip, self._reserved, self._holes
+        while holes:
+            ip = self._address(holes[0])
+            if ip not in by_ip and ip not in reserved:
+                return ip
+            self._hole_set.discard(heapq.heappop(holes))  # taken again since it was freed
+        while self._cursor < self._total:
+            ip = self._address(self._cursor)
+            if ip not in by_ip and ip not in reserved:
+                return ip
+            self._cursor += 1
+        return None
+
+    def _forget_address(self, ip: IPv4Address) -> None:
+        """``ip`` lost its record: behind the cursor, it becomes a hole."""
+        number = self._number(int(ip))
+        if number is not None and number < self._cursor and number not in self._hole_set:
+            self._hole_set.add(number)
+            heapq.heappush(self._holes, number)
+
+    def _remembered_address(self, now: float) -> IPv4Address | None:
+        """The address of the record free the longest: least ``(expires, address)``.
+
+        A record is free if it does not hold its address (released,
+        expired, or offered/bound/declined but past its time) and its
+        address is in the pool and not reserved.  (The client asking cannot
+        own such a record: its own record, if usable, was taken before.)
+        """
+        best: tuple[float, int, int, Lease] | None = None
+        for heap, holding in ((self._held, True), (self._freed, False)):
+            while heap:
+                entry = heap[0]
+                expires, _, _, lease = entry
+                if (self._by_ip.get(lease.ip) is not lease or lease.expires is not expires
+                        or (lease.state in _HOLDING) != holding):
+                    heapq.heappop(heap)  # stale: the record changed or went since
+                    continue
+                if lease.ip in self._reserved or not self.in_pool(lease.ip):
+                    heapq.heappop(heap)  # never free (until pool or reserved change, which rebuilds)
+                    continue
+                if holding and not expires <= now:
+                    break  # the first to end still holds its address: so do all the others
+                if best is None or entry[:2] < best[:2]:
+                    best = entry
+                break
+        return None if best is None else best[3].ip
 
     def _free_address(self, mac: str, now: float) -> IPv4Address | None:
         """A never-used address first, else the longest-free remembered one."""
-        for ip in self._addresses():
-            if ip not in self._by_ip and ip not in self.reserved:
-                return ip
-        candidates = [l for l in self._by_ip.values() if self._available(l.ip, mac, now)]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda l: (l.expires, l.ip)).ip
+        ip = self._unused_address()
+        if ip is not None:
+            return ip
+        return self._remembered_address(now)
 
     # Changes -------------------------------------------------------------
 
@@ -250,6 +413,7 @@ class LeaseDatabase:
             return
         if self._by_ip.get(lease.ip) is lease:
             del self._by_ip[lease.ip]
+            self._forget_address(lease.ip)
         if self._by_mac.get(lease.mac) is lease:
             del self._by_mac[lease.mac]
         self.dirty = True
@@ -296,6 +460,7 @@ class LeaseDatabase:
         lease.vendor_class = vendor_class or lease.vendor_class
         self._by_mac[mac] = lease
         self._by_ip[ip] = lease
+        self._track(lease)
         return lease
 
     def commit(
@@ -307,6 +472,7 @@ class LeaseDatabase:
             return None
         lease.state = BOUND
         lease.expires = now + self.lease_time
+        self._track(lease)
         lease.hostname = hostname or lease.hostname
         lease.vendor_class = vendor_class or lease.vendor_class
         self.dirty = True
@@ -319,6 +485,7 @@ class LeaseDatabase:
             return False
         lease.state = RELEASED
         lease.expires = now
+        self._track(lease)
         self.dirty = True
         return True
 
@@ -330,6 +497,7 @@ class LeaseDatabase:
         del self._by_mac[mac]
         lease.state = DECLINED
         lease.expires = now + self.decline_time
+        self._track(lease)
         self.dirty = True
         return True
 
@@ -340,6 +508,7 @@ class LeaseDatabase:
             return False
         lease.state = EXPIRED
         lease.expires = now
+        self._track(lease)
         self.dirty = True
         return True
 
@@ -351,6 +520,7 @@ class LeaseDatabase:
                 continue
             if lease.state in (OFFERED, BOUND):
                 lease.state = EXPIRED
+                self._track(lease)
                 changed.append(lease)
             elif lease.state == DECLINED:
                 self._remove(lease)
@@ -362,12 +532,17 @@ class LeaseDatabase:
     # Persistence ---------------------------------------------------------
 
     def dumps(self) -> bytes:
-        data = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "leases": [lease.to_json() for lease in self.leases()],
-        }
-        return (json.dumps(data, indent=1) + "\n").encode("utf-8")
+        """The file: a JSON object, one lease record a line.
+
+        Written without ``indent`` (which would take the pure-Python
+        encoder, several times slower with tens of thousands of records);
+        one record a line still reads and diffs well.
+        """
+        head = json.dumps({"format": FILE_FORMAT, "version": FILE_VERSION})[:-1]
+        records = ",\n".join(map(_record_line, self.leases()))
+        if not records:
+            return (head + ', "leases": []}\n').encode("utf-8")
+        return (head + ', "leases": [\n' + records + "\n]}\n").encode("utf-8")
 
     def save(self) -> None:
         """Write the file atomically; raise OSError (old file intact) on failure."""

@@ -1,8 +1,11 @@
 """DHCP messages: decode datagrams into ``DHCPMessage`` and encode replies.
 
-scapy's ``BOOTP`` layer reads and writes the fixed BOOTP header and its
-``DHCP`` layer writes the options.  Options are read here from the raw
-option bytes into ``{code: bytes}`` rather than through scapy's typed
+The fixed BOOTP header is read and written with one ``struct`` format
+and the options as raw code/length/value bytes: this is the server's hot
+path, and scapy's ``BOOTP``/``DHCP`` layers, which built and parsed these
+messages before, cost 15 (decoding) to 50 (encoding) times as much.  The
+bytes are the same as scapy's: the tests check ours against scapy both ways.
+Options are kept as ``{code: bytes}`` rather than through scapy's typed
 option table, for three reasons: scapy stops decoding at the first option
 whose length does not fit its type (hiding every option after it), it
 names some vendor codes in its own way (150 is ``tftp_server_address``,
@@ -21,8 +24,6 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Iterable
-
-from scapy.layers.dhcp import BOOTP, DHCP, dhcpmagic
 
 from zprovd.dhcp.config import OPTIONS_BY_CODE, option_label
 from zprovd.mac import format_mac
@@ -43,6 +44,10 @@ BROADCAST_FLAG = 0x8000
 ZERO = IPv4Address(0)
 
 HEADER_LENGTH = 236          # the fixed BOOTP header, up to and excluding the magic cookie
+DHCP_MAGIC = b"\x63\x82\x53\x63"
+_HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+"""op htype hlen hops xid secs flags ciaddr yiaddr siaddr giaddr chaddr sname file: HEADER_LENGTH bytes."""
+_ZERO_PACKED = bytes(4)
 MIN_MESSAGE_LENGTH = 300     # BOOTP's historical minimum; some clients drop shorter replies
 MAX_DATAGRAM = 65507
 
@@ -141,23 +146,23 @@ def decode(data: bytes) -> DHCPMessage:
         return _decode(bytes(data))
     except MalformedPacket:
         raise
-    except Exception as exc:  # scapy or struct on hostile input: one error type out
+    except Exception as exc:  # whatever hostile input may cause: one error type out
         raise MalformedPacket(f"cannot decode: {type(exc).__name__}: {exc}") from None
 
 
 def _decode(data: bytes) -> DHCPMessage:
-    if len(data) < HEADER_LENGTH + len(dhcpmagic):
+    if len(data) < HEADER_LENGTH + len(DHCP_MAGIC):
         raise MalformedPacket(f"too short for DHCP ({len(data)} bytes)")
     if len(data) > MAX_DATAGRAM:
         raise MalformedPacket(f"too long ({len(data)} bytes)")
-    if data[HEADER_LENGTH : HEADER_LENGTH + 4] != dhcpmagic:
+    if data[HEADER_LENGTH : HEADER_LENGTH + 4] != DHCP_MAGIC:
         raise MalformedPacket("no DHCP magic cookie")
-    bootp = BOOTP(data[: HEADER_LENGTH + 4])
-    if bootp.op not in (BOOTREQUEST, BOOTREPLY):
-        raise MalformedPacket(f"op {bootp.op} is neither BOOTREQUEST nor BOOTREPLY")
-    if bootp.htype != 1 or bootp.hlen != 6:
-        raise MalformedPacket(f"hardware type {bootp.htype}/length {bootp.hlen} is not Ethernet")
-    chaddr = bytes(bootp.chaddr)[:6].hex()
+    (op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr, sname,
+     file) = _HEADER.unpack_from(data)
+    if op not in (BOOTREQUEST, BOOTREPLY):
+        raise MalformedPacket(f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
+    if htype != 1 or hlen != 6:
+        raise MalformedPacket(f"hardware type {htype}/length {hlen} is not Ethernet")
 
     options = _parse_options(data[HEADER_LENGTH + 4 :], "options")
     overload = options.get(52)
@@ -166,9 +171,9 @@ def _decode(data: bytes) -> DHCPMessage:
             raise MalformedPacket("bad option overload (52)")
         extra: dict[int, bytes] = {}
         if overload[0] & 1:
-            _merge(extra, _parse_options(bytes(bootp.file), "file field"))
+            _merge(extra, _parse_options(file, "file field"))
         if overload[0] & 2:
-            _merge(extra, _parse_options(bytes(bootp.sname), "sname field"))
+            _merge(extra, _parse_options(sname, "sname field"))
         _merge(options, extra)
         del options[52]
 
@@ -183,19 +188,23 @@ def _decode(data: bytes) -> DHCPMessage:
             raise MalformedPacket(f"option {code} must be 4 bytes")
 
     return DHCPMessage(
-        op=bootp.op,
-        xid=bootp.xid,
-        chaddr=chaddr,
+        op=op,
+        xid=xid,
+        chaddr=chaddr[:6].hex(),
         message_type=message_type,
-        flags=int(bootp.flags),
-        ciaddr=IPv4Address(bootp.ciaddr),
-        yiaddr=IPv4Address(bootp.yiaddr),
-        siaddr=IPv4Address(bootp.siaddr),
-        giaddr=IPv4Address(bootp.giaddr),
-        hops=bootp.hops,
-        secs=bootp.secs,
+        flags=flags,
+        ciaddr=_address(ciaddr),
+        yiaddr=_address(yiaddr),
+        siaddr=_address(siaddr),
+        giaddr=_address(giaddr),
+        hops=hops,
+        secs=secs,
         options=options,
     )
+
+
+def _address(packed: bytes) -> IPv4Address:
+    return ZERO if packed == _ZERO_PACKED else IPv4Address(packed)
 
 
 def _merge(into: dict[int, bytes], more: dict[int, bytes]) -> None:
@@ -231,44 +240,34 @@ def _parse_options(data: bytes, where: str) -> dict[int, bytes]:
 
 def encode(msg: DHCPMessage) -> bytes:
     """The datagram for ``msg``: option 53 first, 54 next, then the rest."""
-    mac = bytes.fromhex(msg.chaddr)
-    bootp = BOOTP(
-        op=msg.op,
-        htype=1,
-        hlen=6,
-        hops=msg.hops,
-        xid=msg.xid,
-        secs=msg.secs,
-        flags=msg.flags,
-        ciaddr=str(msg.ciaddr),
-        yiaddr=str(msg.yiaddr),
-        siaddr=str(msg.siaddr),
-        giaddr=str(msg.giaddr),
-        chaddr=mac + bytes(10),
-        options=dhcpmagic,
-    )
-    items: list[tuple[int, bytes] | str] = []
+    parts = [
+        _HEADER.pack(
+            msg.op, 1, 6, msg.hops, msg.xid, msg.secs, msg.flags,
+            msg.ciaddr.packed, msg.yiaddr.packed, msg.siaddr.packed, msg.giaddr.packed,
+            bytes.fromhex(msg.chaddr), b"", b"",
+        ),
+        DHCP_MAGIC,
+    ]
     if msg.message_type is not None:
-        items.append((53, bytes([msg.message_type])))
-    ordered = sorted(msg.options, key=lambda code: (code != 54, code))
-    for code in ordered:
+        parts.append(bytes((53, 1, msg.message_type)))
+    options = msg.options
+    for code in sorted(options, key=lambda code: (code != 54, code)):
         if code in (0, 53, 255):
             continue
-        items.extend(_split(code, msg.options[code]))
-    items.append("end")
-    data = bytes(bootp / DHCP(options=items))
+        value = options[code]
+        if len(value) <= 255:
+            parts.append(bytes((code, len(value))))
+            parts.append(value)
+        else:  # split into 255-byte pieces (RFC 3396)
+            for start in range(0, len(value), 255):
+                piece = value[start : start + 255]
+                parts.append(bytes((code, len(piece))))
+                parts.append(piece)
+    parts.append(b"\xff")
+    data = b"".join(parts)
     if len(data) < MIN_MESSAGE_LENGTH:
         data += bytes(MIN_MESSAGE_LENGTH - len(data))
     return data
-
-
-def _split(code: int, value: bytes) -> Iterable[tuple[int, bytes]]:
-    """One option, split into 255-byte pieces if longer (RFC 3396)."""
-    if not value:
-        yield (code, b"")
-        return
-    for start in range(0, len(value), 255):
-        yield (code, value[start : start + 255])
 
 
 def encoded_options_length(options: dict[int, bytes]) -> int:

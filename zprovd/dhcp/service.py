@@ -5,6 +5,14 @@
 and sends it: to the client's address, to a relay agent, or as a broadcast
 to 255.255.255.255:68 on that interface for clients without an address.
 
+Each reply is logged at debug level; at info level one summary line every
+``summary_interval`` seconds counts what happened (datagrams, replies by
+type, ignored, malformed, send errors, datagrams the kernel dropped because
+the receive buffer was full), and only if anything did.  The socket asks
+for a receive buffer of ``RECEIVE_BUFFER`` bytes so that a burst of
+DISCOVERs waits in the kernel while the reactor is busy instead of being
+dropped.
+
 In server mode, ``startService()`` first probes the interface for another
 DHCP server (a DHCPDISCOVER from a random MAC, up to ``probe_timeout``
 seconds of listening) and refuses to start if one answers, unless
@@ -59,6 +67,9 @@ from zprovd.dhcp.responder import CLIENT_PORT, SERVER_PORT, Reply, Responder
 log = Logger(namespace="zprovd.dhcp")
 
 SIOCGIFADDR = 0x8915
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Bytes of receive buffer asked for the DHCP socket: about 10,000 DHCPDISCOVERs."""
 PROBE_PARAMS = bytes([1, 3, 6, 15, 42, 43, 66, 67, 150, 160])
 MAX_PROBE_DATAGRAMS = 200
 
@@ -82,13 +93,15 @@ def interface_ipv4(interface: str) -> IPv4Address | None:
     return IPv4Address(answer[20:24])
 
 
-def open_dhcp_socket(interface: str, port: int) -> socket.socket:
+def open_dhcp_socket(interface: str, port: int, receive_buffer: int = RECEIVE_BUFFER) -> socket.socket:
     """A non-blocking UDP socket on 0.0.0.0:``port`` that sees only ``interface``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode("ascii") + b"\0")
+        if receive_buffer:
+            set_receive_buffer(sock, receive_buffer)
         sock.bind(("0.0.0.0", port))
         sock.setblocking(False)
         os.set_inheritable(sock.fileno(), False)
@@ -96,6 +109,46 @@ def open_dhcp_socket(interface: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask for a receive buffer of ``size`` bytes; return what the kernel granted.
+
+    Best effort: SO_RCVBUF is capped by ``net.core.rmem_max``; SO_RCVBUFFORCE
+    goes past the cap but needs CAP_NET_ADMIN.  Failures are ignored.  Linux
+    reports (and grants) twice the size asked, half of it for bookkeeping;
+    the value returned is the usable half.
+    """
+    for option in (socket.SO_RCVBUF, SO_RCVBUFFORCE):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            continue
+        if receive_buffer_size(sock) >= size:
+            break
+    return receive_buffer_size(sock)
+
+
+def receive_buffer_size(sock: socket.socket) -> int:
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    except OSError:
+        return 0
+
+
+def socket_drops(fd: int, proc_net_udp: str = "/proc/net/udp") -> int | None:
+    """Datagrams the kernel dropped on the UDP socket ``fd`` (receive buffer full); None if unknown."""
+    try:
+        inode = str(os.fstat(fd).st_ino)
+        with open(proc_net_udp, encoding="ascii", errors="replace") as table:
+            next(table, None)  # the header
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 13 and fields[9] == inode:
+                    return int(fields[12])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _oserror_text(exc: OSError) -> str:
@@ -196,6 +249,8 @@ class DHCPService(Service):
 
     probe_timeout = 2.0
     expire_interval = 30.0
+    summary_interval = 10.0
+    """Seconds between the info-level summaries of what the helper did."""
     save_delay = 1.0
     """Lease changes are written at most this long after they happen, several
     changes in one write, off the reactor: a burst of clients costs one
@@ -218,10 +273,16 @@ class DHCPService(Service):
         self.responder: Responder | None = None
         self.port: Any = None
         self.stats: Counter[str] = Counter()
-        """received, malformed, replies, ignored, send_errors, save_errors."""
+        """received, malformed, replies, ignored, send_errors, save_errors, kernel_drops."""
         self.replies_by_type: Counter[str] = Counter()
         """Replies sent, by message type name (DHCPOFFER, DHCPACK, ...): for /metrics."""
         self._expiry: LoopingCall | None = None
+        self._summary: LoopingCall | None = None
+        self._summarised: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
+        """``stats`` and ``replies_by_type`` as they were at the last summary."""
+        self._summarised_at: float = self.reactor.seconds()
+        self._kernel_drops_seen = 0
+        """The socket's drop counter at the last summary (a new socket starts at 0)."""
 
     # Starting and stopping -----------------------------------------------
 
@@ -256,6 +317,7 @@ class DHCPService(Service):
             raise DHCPStartError(
                 f"DHCP: cannot listen on {cfg.interface} port {SERVER_PORT}: {_oserror_text(exc)}"
             ) from None
+        buffer = receive_buffer_size(sock)
         try:
             self.port = self.reactor.adoptDatagramPort(sock.fileno(), socket.AF_INET, _DHCPProtocol(self))
         finally:
@@ -264,11 +326,16 @@ class DHCPService(Service):
             self._expiry = LoopingCall(self._expire)
             self._expiry.clock = self.reactor
             self._expiry.start(self.expire_interval, now=False)
+        self._start_summary()
         super().startService()
         log.info(
             "DHCP helper listening on {interface} port 67: mode {mode}, answer {answer}, server address {ip}",
             interface=cfg.interface, mode=cfg.mode, answer=cfg.answer, ip=str(server_ip),
         )
+        if buffer < RECEIVE_BUFFER:
+            log.info("DHCP: receive buffer {size} KiB (asked {asked} KiB; raise net.core.rmem_max for more): "
+                     "a burst of clients may see drops",
+                     size=buffer // 1024, asked=RECEIVE_BUFFER // 1024)
 
     def _load_leases(self, server_ip: IPv4Address) -> LeaseDatabase:
         cfg = self.config
@@ -314,6 +381,10 @@ class DHCPService(Service):
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
         self._expiry = None
+        if self._summary is not None and self._summary.running:
+            self._summary.stop()
+        self._summary = None
+        self._log_summary()  # what happened since the last one
         self._save_at_stop()
         port, self.port = self.port, None
         if port is None:
@@ -364,7 +435,57 @@ class DHCPService(Service):
             return
         self.stats["replies"] += 1
         self.replies_by_type[reply.message.type_name] += 1
-        log.info("DHCP: {line}", line=reply.log)
+        log.debug("DHCP: {line}", line=reply.log)
+
+    # The periodic summary ------------------------------------------------
+
+    def _start_summary(self) -> None:
+        self._summarised = (Counter(self.stats), Counter(self.replies_by_type))
+        self._summarised_at = self.reactor.seconds()
+        self._summary = LoopingCall(self._log_summary)
+        self._summary.clock = self.reactor
+        self._summary.start(self.summary_interval, now=False)
+
+    def _count_kernel_drops(self) -> None:
+        """Add the socket's new kernel drops (read from /proc) to ``stats``."""
+        fileno = getattr(self.port, "fileno", None)
+        drops = socket_drops(fileno()) if fileno is not None else None
+        if drops is None:
+            return
+        if drops > self._kernel_drops_seen:
+            self.stats["kernel_drops"] += drops - self._kernel_drops_seen
+        self._kernel_drops_seen = drops
+
+    def summary(self) -> str | None:
+        """What happened since the last call, in one line; None if nothing did."""
+        self._count_kernel_drops()
+        last_stats, last_replies = self._summarised
+        self._summarised = (Counter(self.stats), Counter(self.replies_by_type))
+        stats, replies = Counter(self.stats), Counter(self.replies_by_type)
+        stats.subtract(last_stats)
+        replies.subtract(last_replies)
+        if not any(v > 0 for v in stats.values()) and not any(v > 0 for v in replies.values()):
+            return None
+        parts = [f"received {stats['received']}"]
+        sent = ", ".join(f"{count} {name}" for name, count in sorted(replies.items()) if count > 0)
+        parts.append(f"replies {sent or 0}")
+        for key, label in (("ignored", "ignored"), ("malformed", "malformed"), ("send_errors", "send errors"),
+                           ("save_errors", "lease save errors"),
+                           ("kernel_drops", "dropped by the kernel (receive buffer full)")):
+            if stats[key] > 0:
+                parts.append(f"{label} {stats[key]}")
+        return "; ".join(parts)
+
+    def _log_summary(self) -> None:
+        now = self.reactor.seconds()
+        elapsed, self._summarised_at = now - self._summarised_at, now
+        try:
+            line = self.summary()
+        except Exception:
+            log.failure("DHCP: cannot summarise")
+            return
+        if line is not None:
+            log.info("DHCP: last {elapsed:.0f} s: {summary}", elapsed=elapsed, summary=line)
 
     def _expire(self) -> None:
         if self.leases is None:
