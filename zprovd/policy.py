@@ -140,6 +140,12 @@ class Policy:
         self.per_mac_open = not p.url_key and p.auth == "none" and not p.client_certificate
         """No install-wide URL key, credentials or certificates for per-MAC files."""
 
+    def device_is_open(self, device: Device) -> bool:
+        """Whether this device's per-MAC files need no URL key, credentials or
+        certificate (then ``url_key_refusal``, ``auth_refusal`` and
+        ``certificate_refusal`` would all say None)."""
+        return self.per_mac_open and DEVICE_URL_KEY not in device.vars
+
     def group(self, name: str) -> GroupAccess:
         return getattr(self.access, name)
 

@@ -35,7 +35,7 @@ from zprovd.context import RequestInfo, device_context, generic_context, zoiper_
 from zprovd.documentcache import Document, DocumentCache
 from zprovd.firmware import FirmwareFolder
 from zprovd.metrics import Metrics
-from zprovd.policy import DEVICE_URL_KEY, Policy, Refusal
+from zprovd.policy import Policy, Refusal
 from zprovd.renderer import Dependencies, Renderer, RenderError
 from zprovd.routing import (
     BadRequest,
@@ -262,7 +262,7 @@ class Provisioner:
         if document is None:
             return self._per_mac_lookup(route, request, _info(request), key, generation)
         device = document.record
-        if not policy.per_mac_open or DEVICE_URL_KEY in device.vars:
+        if not policy.device_is_open(device):
             refusal = self._device_refusal(route, request, device, self.clock())
             if refusal is not None:
                 return refusal
