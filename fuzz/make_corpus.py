@@ -96,6 +96,21 @@ def router() -> dict[str, bytes]:
     }
 
 
+def http() -> dict[str, bytes]:
+    yealink = (b"GET /001565123456.cfg HTTP/1.1\r\nHost: prov\r\n"
+               b"User-Agent: Yealink SIP-T48G 35.83.0.35 00:15:65:12:34:56\r\nConnection: Keep-Alive\r\n\r\n")
+    return {
+        "yealink": yealink,
+        "pipelined-split": yealink[:30] + b"\xff" + yealink[30:] + b"\xffHEAD /y HTTP/1.0\n\n",
+        "zoiper": b"GET /zoiper?user=alice;password=secret&version=1.14 HTTP/1.1\r\nHost: p\r\n\r\n",
+        "body": b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\xffGET /z HTTP/1.1\r\n\r\n",
+        "absolute": b"GET http://prov:80/a/b.cfg?x=1 HTTP/1.1\r\n\r\n",
+        "chunked": b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "range": b"GET /fw.rom HTTP/1.1\r\nRange: bytes=10-\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n",
+        "version": b"GET / HTTP/2.0\r\n\r\n",
+    }
+
+
 def httpauth() -> dict[str, bytes]:
     from zprovd import httpauth as h
 
@@ -223,7 +238,7 @@ def catalogue() -> dict[str, bytes]:
     }
 
 
-BUILDERS = {"tftp": tftp, "dhcp": dhcp, "router": router, "httpauth": httpauth, "csv": csv,
+BUILDERS = {"tftp": tftp, "dhcp": dhcp, "router": router, "http": http, "httpauth": httpauth, "csv": csv,
             "config": config, "catalogue": catalogue}
 
 

@@ -14,10 +14,14 @@ Input formats (the seed corpora in ``fuzz/corpus/<target>/`` use them):
 ``router``
     ``<selector byte><request-target>\\n<User-Agent>\\n<Authorization>``;
     the selector's value modulo 3 picks http, https or tftp.  For HTTP the
-    request target is split and its query parsed exactly as twisted.web does
-    and every field decoded as ``zprovd.web`` does (UTF-8, errors replaced);
+    request target is split and its query parsed exactly as ``zprovd.web``
+    does (``httpcore.parse_query``), every field decoded as it does (UTF-8,
+    errors replaced);
     for TFTP the whole target is the file name, decoded strictly as
     ``zprovd.tftp.packets`` does.
+``http``
+    what a client sends on one connection, cut into pieces at every ``\xff``
+    (a byte HTTP never needs), fed piece by piece to ``httpcore.ServerConnection``.
 ``httpauth``
     an Authorization header value (UTF-8, errors replaced).
 ``csv``
@@ -68,7 +72,7 @@ def _fields(data: bytes, count: int) -> list[bytes]:
 
 
 def _text(raw: bytes) -> str:
-    """How zprovd.web decodes what twisted.web hands it."""
+    """How zprovd.web decodes request fields."""
     return raw.decode("utf-8", errors="replace")
 
 
@@ -189,14 +193,12 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
-def _twisted_request(target: bytes) -> tuple[bytes, dict[bytes, list[bytes]]]:
-    """(path, args) exactly as twisted.web.http.Request.requestReceived makes them."""
-    from twisted.web.http import parse_qs
+def _http_request(target: bytes) -> tuple[bytes, dict[str, list[str]]]:
+    """(path, args) exactly as zprovd.web makes them from a request target."""
+    from zprovd.httpcore import parse_query
 
-    parts = target.split(b"?", 1)
-    if len(parts) == 1:
-        return target, {}
-    return parts[0], parse_qs(parts[1], 1)
+    path, question, query = target.partition(b"?")
+    return path, parse_query(query) if question else {}
 
 
 def firmware_folder() -> Path:
@@ -240,9 +242,8 @@ def setup_router() -> Callable[[bytes], None]:
                 return
             query: dict[str, list[str]] = {}
         else:
-            raw_path, args = _twisted_request(target)
+            raw_path, query = _http_request(target)
             path = _text(raw_path)
-            query = {_text(k): [_text(v) for v in vs] for k, vs in args.items()}
         request = Request(protocol=protocol, path=path, query=query, user_agent=_text(agent),
                           authorization=_text(authorization), client="192.0.2.1", host="prov")
         route = router.route(request)
@@ -272,17 +273,16 @@ def _check_redaction(logged: str, target: bytes, secret_params: set[str]) -> Non
     """No value of a secret parameter, as the server parsed it, may reach the log."""
     from zprovd.web import SECRET_PARAM
 
-    raw_path, args = _twisted_request(target)
+    raw_path, args = _http_request(target)
     public = [_text(raw_path)]
     # Bare tokens ("?a;b") are no parameter to the server: text, not a secret value.
     query = target.partition(b"?")[2]
     public += [_text(part) for part in re.split(rb"[&;]", query) if b"=" not in part]
     secrets = []
-    for raw_name, raw_values in args.items():
-        name = _text(raw_name)
+    for name, values in args.items():
         public.append(name)
         secret = name.lower() in secret_params or SECRET_PARAM.search(name)
-        for value in map(_text, raw_values):
+        for value in values:
             (secrets if secret else public).append(value)
     for value in secrets:
         # Short or non-alphanumeric values may show up by coincidence or quoted.
@@ -291,6 +291,41 @@ def _check_redaction(logged: str, target: bytes, secret_params: set[str]) -> Non
         if any(value in text for text in public):
             continue
         check_that(value not in logged, f"secret query value {value!r} is in the access log line {logged!r}")
+
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1 request parsing (zprovd.httpcore)
+
+
+def setup_http() -> Callable[[bytes], None]:
+    from zprovd import httpcore as h
+
+    def check(data: bytes) -> None:
+        connection = h.ServerConnection(0.0)
+        now = 0.0
+        for piece in data.split(b"\xff"):
+            connection.receive_data(piece)
+            while True:
+                event = connection.next_event()
+                if event is None:
+                    break
+                if isinstance(event, h.Refusal):
+                    check_that(event.status in (400, 408, 413, 414, 431, 505), f"refusal {event}")
+                    check_that(connection.closed and connection.next_event() is None, "open after a refusal")
+                    return
+                check_that(isinstance(event, h.RequestHead), f"event {event!r}")
+                check_that(event.path.startswith(b"/"), f"path {event.path!r}")
+                check_that(h._TOKEN.fullmatch(event.method) is not None, f"method {event.method!r}")
+                check_that(len(event.headers) <= h.MAX_HEADERS, "too many headers")
+                check_that(all(b"\n" not in v and b"\r" not in v for v in event.headers.values()), "CR/LF in a value")
+                if event.query is not None:
+                    h.parse_query(event.query)
+                now += 1.0
+                connection.response_done(now, event.keep_alive)
+        connection.expire(now + h.HEADER_DEADLINE)
+        check_that(connection.next_event() is None, "a request after the deadline")
+
+    return check
 
 
 # ---------------------------------------------------------------------------
@@ -409,6 +444,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("dhcp", "DHCP decoder, responder in every mode, reply encoder", setup_dhcp, 1500, 1.5),
     Target("router", "HTTP/TFTP router: path, query, User-Agent, Authorization; access-log redaction",
            setup_router, 2048, 1.5),
+    Target("http", "HTTP/1.1 request parser (request line, headers, bodies, pipelining)", setup_http, 4096, 1.0),
     Target("httpauth", "Basic/Digest Authorization header parser and verifier", setup_httpauth, 1024, 1.0),
     Target("csv", "CSV import parser", setup_csv, 2048, 0.75),
     Target("config", "configuration file loader (TOML, every section including [dhcp])", setup_config, 4096, 1.0),
@@ -426,6 +462,9 @@ def describe(name: str, data: bytes) -> str:
     if name == "catalogue":
         pattern, requested = _fields(data, 2)
         return f"pattern={pattern!r} name={requested!r}"
+    if name == "http":
+        pieces = data.split(b"\xff")
+        return f"pieces={pieces!r}"
     if name in ("httpauth", "csv", "config"):
         return f"text={data.decode('utf-8', 'replace')!r}"
     return f"datagram={data!r}"

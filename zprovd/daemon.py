@@ -34,12 +34,12 @@ from zprovd.backends import BackendContext, BackendError, create_backend
 from zprovd.catalogue import Catalogue, load_catalogue
 from zprovd.config import Config, ConfigError, Listen, load_config
 from zprovd.listeners import ListenError, SwappableTLS, TCPListeners, describe
-from zprovd.metrics import Metrics, metrics_site_root
+from zprovd.metrics import Metrics, MetricsSite, metrics_site_root
 from zprovd.privileges import PrivilegeError, drop_privileges
 from zprovd.provisioning import ERROR_TEMPLATE, Provisioner, ZoiperDocuments
 from zprovd.renderer import Renderer, RenderError
 from zprovd.sdnotify import Notifier
-from zprovd.web import InFlight, ProvisioningResource, Site
+from zprovd.web import HTTPFactory, InFlight
 
 log = Logger(namespace="zprovd.daemon")
 
@@ -106,13 +106,10 @@ class Daemon(MultiService):
         for service in (self.metrics_listeners, self.http, self.https):
             service.setServiceParent(self)
         self._sites = {
-            protocol: Site(
-                ProvisioningResource(self.current_provisioner, protocol, reactor.seconds, self.inflight, self.metrics),
-                reactor,
-            )
+            protocol: HTTPFactory(self.current_provisioner, protocol, reactor, self.inflight, self.metrics)
             for protocol in ("http", "https")
         }
-        self._metrics_site = Site(metrics_site_root(self.metrics, self._health), reactor)
+        self._metrics_site = MetricsSite(metrics_site_root(self.metrics, self._health), reactor)
         self.metrics.tftp_stats = self._tftp_stats
         self.metrics.dhcp_stats = self._dhcp_stats
         self.metrics.document_stats = self._document_stats

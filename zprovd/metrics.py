@@ -131,6 +131,20 @@ class HealthResource(Resource):
         return server.NOT_DONE_YET
 
 
+class MetricsSite(server.Site):
+    """The /metrics and /healthz site: no access log, no tracebacks to clients."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, root: Resource, reactor):
+        super().__init__(root, reactor=reactor)
+        self.timeOut = 30
+
+    def log(self, request) -> None:
+        pass
+
+
 def metrics_site_root(metrics: Metrics, health: Callable[[], Deferred]) -> Resource:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(metrics))

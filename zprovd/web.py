@@ -1,25 +1,29 @@
-"""HTTP and HTTPS: twisted.web around the provisioning pipeline.
+"""HTTP and HTTPS: the Twisted protocol around ``zprovd.httpcore``.
 
-The resource only translates: a twisted.web request becomes a
-``zprovd.routing.Request``, the ``Response`` becomes status, headers and
-body.  One access-log line per request, with secret query values replaced
-by ``***`` and never an Authorization header.
+It only moves bytes: what a client sends goes to the sans-I/O
+``ServerConnection``; each request it hands out becomes a
+``zprovd.routing.Request`` for the provisioner, and the ``Response`` becomes
+bytes on the transport (firmware files streamed in chunks with a producer).
+One access-log line per request, with secret query values replaced by
+``***`` and never an Authorization header.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import quote, unquote_plus
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
-from twisted.web import http, server, static
-from twisted.web.resource import Resource
-
 from cryptography import x509
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProtocolNegotiationFactory, IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
 
-from zprovd import logs
+from zprovd import httpcore, logs
+from zprovd.httpcore import Refusal, RequestHead, ServerConnection
 from zprovd.metrics import Metrics
 from zprovd.policy import client_address, macs_in_certificate_names
 from zprovd.provisioning import Provisioner, Response
@@ -28,14 +32,15 @@ from zprovd.routing import Request
 log = Logger(namespace="zprovd.http")
 
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|auth", re.IGNORECASE)
-REQUEST_TIMEOUT = 30  # seconds a client may take to send its request
-
+FILE_CHUNK = 64 * 1024
+PAUSE_READING_AT = httpcore.MAX_REQUEST_LINE + httpcore.MAX_HEADER_BYTES + httpcore.MAX_BODY
+"""Bytes of further requests buffered while one is answered before reading stops."""
 
 def redact_uri(uri: str, secret_params: set[str] | frozenset[str]) -> str:
     """The URI with the value of every secret-looking query parameter replaced by ***.
 
-    The query is split on ``&`` and ``;`` exactly as twisted.web splits it, so
-    no parameter the application saw escapes redaction.
+    The query is split on ``&`` and ``;`` exactly as ``httpcore.parse_query``
+    splits it, so no parameter the application saw escapes redaction.
     """
     path, sep, query = uri.partition("?")
     if not sep:
@@ -51,7 +56,6 @@ def redact_uri(uri: str, secret_params: set[str] | frozenset[str]) -> str:
     return path + "?" + "&".join(parts)
 
 
-_WANTED_HEADERS = frozenset((b"user-agent", b"authorization", b"x-forwarded-for", b"host"))
 _PLAIN = re.compile(r"[\w@.:+-]*", re.ASCII)
 """A ``who`` the access line can show as it is."""
 
@@ -85,115 +89,306 @@ class InFlight:
         return d
 
 
-class ProvisioningResource(Resource):
-    isLeaf = True
 
-    def __init__(
-        self,
-        provisioner: Callable[[], Provisioner],
-        protocol: str,
-        seconds: Callable[[], float],
-        inflight: InFlight | None = None,
-        metrics: Metrics | None = None,
-    ):
-        super().__init__()
+
+@implementer(IProtocolNegotiationFactory)
+class HTTPFactory(Factory):
+    """Builds one ``HTTPProtocol`` per connection of an HTTP or HTTPS listener."""
+
+    noisy = False
+
+    def __init__(self, provisioner: Callable[[], Provisioner], protocol: str, reactor,
+                 inflight: InFlight | None = None, metrics: Metrics | None = None):
         self.provisioner = provisioner  # a callable, so a reload can swap it
         self.protocol = protocol
-        self.seconds = seconds
+        self.reactor = reactor
         self.inflight = inflight or InFlight()
         self.metrics = metrics
 
-    def render_GET(self, request: server.Request):
-        started = self.seconds()
-        provisioner = self.provisioner()
-        wanted = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            name = name.lower()
-            if name in _WANTED_HEADERS:  # one pass over the few headers a phone sends
-                wanted[name] = _decode(values[-1])  # the last, as getHeader
-        args = request.args
-        req = Request(
-            protocol=self.protocol,
-            path=_decode(request.path),
-            query={_decode(k): [_decode(v) for v in vs] for k, vs in args.items()} if args else {},
-            user_agent=wanted.get(b"user-agent", ""),
-            authorization=wanted.get(b"authorization", ""),
-            client=client_address(
-                _client(request), wanted.get(b"x-forwarded-for", ""), provisioner.config.access.trusted_proxies,
-            ),
-            host=wanted.get(b"host", ""),
-            method=_decode(request.method),
-            certificate_macs=_certificate_macs(request) if self.protocol == "https" else None,
+    def buildProtocol(self, addr):
+        return HTTPProtocol(self)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: HTTP/1.1 only (a client offering h2 too gets http/1.1)."""
+        return [b"http/1.1"]
+
+
+_NO_CERTIFICATE = object()
+_CONTENT_TYPES: dict[str, bytes] = {}
+_NO_STORE = (b"Cache-Control", b"no-store")
+_METHOD_NOT_ALLOWED = Response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")], reason="method not allowed")
+
+
+class HTTPProtocol(Protocol):
+    """One client connection: bytes to ``ServerConnection``, its requests to
+    the provisioner, responses back; one request answered at a time."""
+
+    def __init__(self, factory: HTTPFactory):
+        self.factory = factory
+        self.reactor = factory.reactor
+        self.connection: ServerConnection | None = None
+        self._timer = None
+        self._lost = False
+        self._paused = False
+        self._peer = "-"
+        self._certificate_macs = _NO_CERTIFICATE
+
+    # -- bytes in ------------------------------------------------------------
+
+    def connectionMade(self):
+        self.connection = ServerConnection(self.reactor.seconds())
+        peer = self.transport.getPeer()
+        self._peer = getattr(peer, "host", None) or str(peer)
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.connection.receive_data(data)
+        self._next()
+
+    def connectionLost(self, reason=None):
+        self._lost = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _next(self) -> None:
+        """Answer what the connection hands out until it needs more bytes,
+        is closed or waits for an answer that is not known yet."""
+        connection = self.connection
+        while not self._lost:
+            event = connection.next_event()
+            if event is None:
+                if connection.closed:
+                    return
+                if connection.buffered > PAUSE_READING_AT and not self._paused:
+                    self._paused = True
+                    self.transport.pauseProducing()
+                return
+            if isinstance(event, Refusal):
+                self._refuse(event)
+                return
+            if not self._answer(event):
+                return
+
+    # -- the header deadline ----------------------------------------------------
+
+    def _arm(self) -> None:
+        """One timer per connection, re-armed lazily when it fires: a kept-alive
+        connection costs no timer call per request."""
+        if self._timer is None and not self._lost:
+            deadline = self.connection.deadline
+            if deadline is not None:
+                self._timer = self.reactor.callLater(max(deadline - self.reactor.seconds(), 0), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        refusal = self.connection.expire(self.reactor.seconds())
+        if refusal is not None:
+            self._refuse(refusal)
+        elif self.connection.closed:
+            self.transport.loseConnection()
+        else:
+            self._arm()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        now = self.reactor.seconds()
+        self.transport.write(httpcore.refusal_bytes(refusal, now))
+        self.transport.loseConnection()
+        if self.factory.metrics is not None:
+            self.factory.metrics.answered(self.factory.protocol, refusal.status, 0)
+        logs.access(f'{self.factory.protocol} {self._peer} "-" {refusal.status} 0 0.0ms who=- "{refusal.reason}"')
+
+    # -- requests ------------------------------------------------------------------
+
+    def _answer(self, head: RequestHead) -> bool:
+        """Answer one request; True if it was answered at once."""
+        factory = self.factory
+        started = self.reactor.seconds()
+        provisioner = factory.provisioner()
+        headers = head.headers
+        forwarded = headers.get(b"x-forwarded-for")
+        request = Request(
+            protocol=factory.protocol,
+            path=_decode(head.path),
+            query=httpcore.parse_query(head.query) if head.query else {},
+            user_agent=_decode(headers.get(b"user-agent", b"")),
+            authorization=_decode(headers.get(b"authorization", b"")),
+            client=client_address(self._peer, _decode(forwarded), provisioner.config.access.trusted_proxies)
+            if forwarded else self._peer,
+            host=_decode(headers.get(b"host", b"")),
+            method=head.method.decode("ascii"),
+            certificate_macs=self._peer_certificate_macs() if factory.protocol == "https" else None,
         )
-        answer = provisioner.answer(req)
+        if head.method != b"GET" and head.method != b"HEAD":
+            answer = _METHOD_NOT_ALLOWED
+        else:
+            answer = provisioner.answer(request)
         if isinstance(answer, Response) and answer.file is None:
-            # Known at once (a cached document, a refusal): written and
-            # finished now, without a Deferred.
-            self._write(request, answer)
-            self._finished(request, req, answer, provisioner, started)
-            return server.NOT_DONE_YET
-        self.inflight.enter()
-        holder: list[Response] = []
+            # Known at once (a cached document, a refusal): no Deferred.
+            sent = self._send(head, answer)
+            self._finished(head, request, answer.status, sent, answer, provisioner, started)
+            return True
+        factory.inflight.enter()
 
-        def finished(_):
-            self.inflight.leave()
-            self._finished(request, req, holder[0] if holder else None, provisioner, started)
+        def respond(response: Response) -> None:
+            if response.file is not None:
+                self._send_file(head, request, response, provisioner, started)
+                return
+            sent = self._send(head, response) if not self._lost else 0
+            self._finished(head, request, response.status, sent, response, provisioner, started)
+            factory.inflight.leave()
+            self._next()
 
-        def write(response: Response) -> None:
-            holder.append(response)
-            self._write(request, response)
+        def failed(failure) -> None:
+            log.failure("answering a request failed", failure)
+            respond(Response(500, b"internal error\n", reason="internal error"))
 
-        request.notifyFinish().addBoth(finished)
         d = answer if isinstance(answer, Deferred) else succeed(answer)
-        d.addCallback(write)
-        d.addErrback(lambda f: log.failure("writing a response failed", f))
-        return server.NOT_DONE_YET
+        d.addCallback(respond).addErrback(failed)
+        return False
 
-    def _finished(self, request: server.Request, req: Request, response: Response | None,
+    def _peer_certificate_macs(self) -> frozenset[str] | None:
+        if self._certificate_macs is _NO_CERTIFICATE:  # one look per connection
+            self._certificate_macs = _certificate_macs(self.transport)
+        return self._certificate_macs
+
+    def _send(self, head: RequestHead, response: Response) -> int:
+        """Write a response with a body; the body bytes sent."""
+        content_type = _CONTENT_TYPES.get(response.content_type)
+        if content_type is None:
+            content_type = _CONTENT_TYPES[response.content_type] = response.content_type.encode()
+        body = response.body
+        headers = [(name.encode(), value.encode()) for name, value in response.headers] if response.headers else []
+        headers += ((b"Content-Type", content_type), _NO_STORE, (b"Content-Length", b"%d" % len(body)))
+        keep_alive = head.keep_alive
+        data = httpcore.response_head(response.status, headers, keep_alive, head.http10, self.reactor.seconds())
+        if head.method == b"HEAD":
+            body = b""
+        self.transport.write(data + body)
+        self._response_done(keep_alive)
+        return len(body)
+
+    def _response_done(self, keep_alive: bool) -> None:
+        self.connection.response_done(self.reactor.seconds(), keep_alive)
+        if not keep_alive:
+            self.transport.loseConnection()
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._arm()
+
+    def _send_file(self, head: RequestHead, request: Request, response: Response,
+                   provisioner: Provisioner, started: float) -> None:
+        """Stream a firmware file: ranges, If-Modified-Since, HEAD."""
+
+        def done(status: int, sent: int, complete: bool = True) -> None:
+            self._finished(head, request, status, sent, response, provisioner, started)
+            self.factory.inflight.leave()
+            if not complete:
+                self.transport.loseConnection()
+            elif not self._lost:
+                self._response_done(head.keep_alive)
+                self._next()
+
+        try:
+            file = open(response.file, "rb")  # noqa: SIM115 - closed by _FileBody or below
+        except OSError:  # gone since the look-up
+            missing = Response(404, b"not found\n", who=response.who, reason="firmware gone")
+            sent = self._send(head, missing) if not self._lost else 0
+            self._finished(head, request, 404, sent, missing, provisioner, started)
+            self.factory.inflight.leave()
+            self._next()
+            return
+        if self._lost:
+            file.close()
+            return done(response.status, 0)
+        stat = os.fstat(file.fileno())
+        size = stat.st_size
+        modified = httpcore.http_date(stat.st_mtime)
+        headers = [(b"Last-Modified", modified), (b"Accept-Ranges", b"bytes")]
+        content_type = response.content_type.encode()
+        now = self.reactor.seconds()
+        wanted = httpcore.byte_range(head.headers.get(b"range"), size)
+        if httpcore.not_modified(head.headers.get(b"if-modified-since"), stat.st_mtime):
+            status, first, count = 304, 0, 0
+        elif wanted is False:
+            status, first, count = 416, 0, 0
+            headers += [(b"Content-Range", b"bytes */%d" % size), (b"Content-Length", b"0")]
+        elif wanted is None:
+            status, first, count = 200, 0, size
+            headers += [(b"Content-Type", content_type), (b"Content-Length", b"%d" % size)]
+        else:
+            first, last = wanted
+            status, count = 206, last - first + 1
+            headers += [(b"Content-Type", content_type), (b"Content-Length", b"%d" % count),
+                        (b"Content-Range", b"bytes %d-%d/%d" % (first, last, size))]
+        self.transport.write(httpcore.response_head(status, headers, head.keep_alive, head.http10, now))
+        if head.method == b"HEAD" or count == 0:
+            file.close()
+            return done(status, 0)
+        file.seek(first)
+        self.transport.registerProducer(
+            _FileBody(self.transport, file, count, lambda sent, complete: done(status, sent, complete)), False
+        )
+
+    def _finished(self, head: RequestHead, request: Request, status: int, sent: int, response: Response | None,
                   provisioner: Provisioner, started: float) -> None:
         """The access line and the counters of one request."""
-        if self.metrics is not None:
-            self.metrics.answered(self.protocol, request.code, request.sentLength)
-        uri = _decode(request.uri)
-        if "?" in uri:
+        protocol = self.factory.protocol
+        if self.factory.metrics is not None:
+            self.factory.metrics.answered(protocol, status, sent)
+        uri = _decode(head.target)
+        if head.query is not None:
             uri = redact_uri(uri, provisioner.secret_params)
         who = response.who if response else "-"
         if not _PLAIN.fullmatch(who):
             who = quote(who, safe="@.:-_+")
         reason = response.reason if response and response.reason else "-"
-        ms = (self.seconds() - started) * 1000
+        ms = (self.reactor.seconds() - started) * 1000
         logs.access(
-            f'{self.protocol} {req.client} "{req.method} {uri}" {request.code} {request.sentLength} '
-            f'{ms:.1f}ms who={who} "{reason}"'
+            f'{protocol} {request.client} "{request.method} {uri}" {status} {sent} {ms:.1f}ms who={who} "{reason}"'
         )
 
-    render_HEAD = render_GET
 
-    def _write(self, request: server.Request, response: Response) -> None:
-        if request._disconnected:
-            return
-        request.setResponseCode(response.status)
-        for name, value in response.headers:
-            request.responseHeaders.addRawHeader(name, value)
-        if response.file is not None:
-            # Streams in chunks with a producer; handles HEAD and ranges.
-            result = static.File(str(response.file), defaultType=response.content_type).render(request)
-            if result is not server.NOT_DONE_YET:
-                request.write(result)
-                request.finish()
-            return
-        request.setHeader(b"content-type", response.content_type.encode())
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"content-length", str(len(response.body)).encode())
-        if request.method != b"HEAD":
-            request.write(response.body)
-        request.finish()
+@implementer(IPullProducer)
+class _FileBody:
+    """``count`` bytes of an open file, read and written one chunk each time
+    the transport asks; then ``done(sent, complete)``, once.  Not complete:
+    the client went away or the file shrank under us (the connection must
+    close, the promised length cannot be kept)."""
+
+    def __init__(self, transport, file, count: int, done: Callable[[int, bool], None]):
+        self.transport = transport
+        self.file = file
+        self.left = count
+        self.sent = 0
+        self.done = done
+
+    def resumeProducing(self) -> None:
+        chunk = self.file.read(min(FILE_CHUNK, self.left))
+        if chunk:
+            self.left -= len(chunk)
+            self.sent += len(chunk)
+            self.transport.write(chunk)
+        if not chunk or self.left <= 0:
+            self.transport.unregisterProducer()
+            self._end(self.left <= 0)
+
+    def stopProducing(self) -> None:
+        self._end(False)
+
+    def _end(self, complete: bool) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.done(self.sent, complete)
 
 
-def _certificate_macs(request: server.Request) -> frozenset[str] | None:
+def _certificate_macs(transport) -> frozenset[str] | None:
     """The MACs named in the client's certificate (already verified against
     ``[https] client_ca`` by the handshake); None without a certificate."""
-    get_peer = getattr(request.transport, "getPeerCertificate", None)
+    get_peer = getattr(transport, "getPeerCertificate", None)
     certificate = get_peer() if get_peer else None
     if certificate is None:
         return None
@@ -206,132 +401,3 @@ def _certificate_macs(request: server.Request) -> frozenset[str] | None:
     except x509.ExtensionNotFound:
         pass
     return frozenset(macs_in_certificate_names(names))
-
-
-def _client(request: server.Request) -> str:
-    address = request.getClientAddress()
-    host = getattr(address, "host", None)
-    return host if host is not None else str(address)
-
-
-class Channel(http.HTTPChannel):
-    """HTTPChannel with early, explicit refusals of oversized or slow requests.
-
-    A request line over ``MAX_REQUEST_LINE`` bytes gets 414, headers over
-    ``totalHeadersSize`` bytes or ``maxHeaders`` lines 431, a body over
-    ``MAX_BODY`` bytes 413 (phones only GET), and a client that has not sent
-    a complete header block ``HEADER_DEADLINE`` seconds after connecting (or
-    after its previous response) gets 408: trickling one byte at a time
-    (slowloris) does not hold a connection open.
-    """
-
-    MAX_REQUEST_LINE = 4096
-    MAX_LENGTH = 8192  # any one line
-    totalHeadersSize = 8192
-    maxHeaders = 64
-    MAX_BODY = 64 * 1024
-    HEADER_DEADLINE = 10.0
-
-    _deadline = None
-    _waiting_since: float | None = None
-    _refused = False
-
-    def connectionMade(self):
-        super().connectionMade()
-        self._arm()
-
-    def _arm(self) -> None:
-        """Headers are due HEADER_DEADLINE seconds from now.  One timer per
-        connection, re-armed lazily when it fires: a keep-alive connection
-        costs no timer call per request."""
-        self._waiting_since = self.factory.reactor.seconds()
-        if self._deadline is None:
-            self._deadline = self.callLater(self.HEADER_DEADLINE, self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self._deadline = None
-        if self._waiting_since is None:
-            return  # a request is being answered; requestDone arms again
-        left = self._waiting_since + self.HEADER_DEADLINE - self.factory.reactor.seconds()
-        if left > 0:
-            self._deadline = self.callLater(left, self._check_deadline)
-        else:
-            self._refuse(408, "Request Timeout", "headers not received in time")
-
-    def _disarm(self) -> None:
-        self._waiting_since = None
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _refuse(self, status: int, phrase: str, reason: str) -> None:
-        if self._refused:
-            return
-        self._refused = True
-        self._disarm()
-        peer = self.transport.getPeer() if self.transport else None
-        logs.access(f'http {getattr(peer, "host", "-")} "-" {status} 0 0.0ms who=- "{reason}"')
-        self.transport.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
-        self.dataReceived = self.lineReceived = lambda *args: None
-        self.transport.loseConnection()
-
-    def lineReceived(self, line):
-        if self._HTTPChannel__first_line and len(line) > self.MAX_REQUEST_LINE:
-            return self._refuse(414, "URI Too Long", "request line too long")
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            return self._refuse(431, "Request Header Fields Too Large", "headers too large")
-        return super().lineReceived(line)
-
-    def lineLengthExceeded(self, line):
-        if self._HTTPChannel__first_line:
-            return self._refuse(414, "URI Too Long", "request line too long")
-        return self._refuse(431, "Request Header Fields Too Large", "header line too long")
-
-    def headerReceived(self, line):
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self._refuse(431, "Request Header Fields Too Large", "too many headers")
-            return False
-        if line[:1] not in (b"T", b"t", b"C", b"c"):  # not Transfer-Encoding or Content-Length
-            return super().headerReceived(line)
-        name = line.split(b":", 1)[0].strip().lower()
-        if name == b"transfer-encoding":
-            self._refuse(413, "Content Too Large", "request body refused")
-            return False
-        if name == b"content-length":
-            value = line.split(b":", 1)[1].strip() if b":" in line else b""
-            if value.isdigit() and int(value) > self.MAX_BODY:
-                self._refuse(413, "Content Too Large", "request body too large")
-                return False
-        return super().headerReceived(line)
-
-    def allHeadersReceived(self):
-        self._waiting_since = None
-        super().allHeadersReceived()
-
-    def requestDone(self, request):
-        super().requestDone(request)
-        if not self._refused and self.transport is not None and self.persistent:
-            self._arm()
-
-    def connectionLost(self, reason):
-        self._disarm()
-        super().connectionLost(reason)
-
-
-class Site(server.Site):
-    """A Site that does not print tracebacks to clients and times out idle clients.
-
-    Twisted's own access line would carry the raw query string (passwords);
-    ``ProvisioningResource`` writes a redacted one instead.
-    """
-
-    def log(self, request) -> None:
-        pass
-
-    protocol = Channel
-
-    def __init__(self, resource: Resource, reactor):
-        super().__init__(resource, reactor=reactor)
-        self.displayTracebacks = False
-        self.timeOut = REQUEST_TIMEOUT
-        self.noisy = False

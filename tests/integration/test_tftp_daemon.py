@@ -68,6 +68,27 @@ def test_firmware_over_tftp_and_http_root_and_firmware_prefix(daemon, tmp_path):
     assert (tmp_path / "n").read_bytes() == b"nested"
 
 
+def test_firmware_over_http_ranges_conditional_and_head(daemon, tmp_path):
+    """curl resuming a download, asking for a range, or checking freshness."""
+    original = (daemon.firmware / "T48G-35.83.0.35.rom").read_bytes()
+    url = daemon.url("http", "/T48G-35.83.0.35.rom")
+    r = curl("-D", str(tmp_path / "h"), "-r", "100-1099", url)
+    assert r.stdout == original[100:1100]
+    head = (tmp_path / "h").read_text().lower()
+    assert head.startswith("http/1.1 206") and f"content-range: bytes 100-1099/{len(original)}" in head
+    (tmp_path / "part").write_bytes(original[:1000])
+    curl("-C", "-", "-o", str(tmp_path / "part"), url)  # resume: asks for bytes=1000-
+    assert (tmp_path / "part").read_bytes() == original
+    r = curl("-o", "/dev/null", "-w", "%{http_code}", "-r", f"{len(original)}-", url)
+    assert r.stdout == b"416"
+    mtime = os.stat(daemon.firmware / "T48G-35.83.0.35.rom").st_mtime
+    r = curl("-o", "/dev/null", "-w", "%{http_code}", "-z", str(daemon.firmware / "T48G-35.83.0.35.rom"), url)
+    assert r.stdout == b"304", mtime
+    r = curl("-I", url)
+    assert r.stdout.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(original)}".encode() in r.stdout
+    assert b"Last-Modified: " in r.stdout
+
+
 def test_rendered_files_win_a_name_clash(daemon, tmp_path):
     assert tftp_get(daemon.ports["tftp"], "001565aabbcc.cfg", tmp_path / "c").returncode == 0
     assert b"static file" not in (tmp_path / "c").read_bytes()

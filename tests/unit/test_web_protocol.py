@@ -1,0 +1,196 @@
+"""The Twisted protocol around httpcore, driven by a Clock and a string transport.
+
+The provisioner is a stand-in that records the requests it gets and answers
+with a fixed document, at once or later through a Deferred; everything
+between the bytes and that answer is the real code.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from zprovd import httpcore, logs
+from zprovd.provisioning import Response
+from zprovd.web import HTTPFactory, InFlight
+
+REQUEST = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+class Provisioner:
+    def __init__(self):
+        self.requests = []
+        self.later: list[Deferred] | None = None  # set: answer through Deferreds
+        self.config = SimpleNamespace(access=SimpleNamespace(trusted_proxies=[]))
+        self.secret_params = {"password"}
+
+    def answer(self, request):
+        self.requests.append(request)
+        response = Response(200, b"document for " + request.path.encode(), "text/plain", who="001565123456")
+        if self.later is None:
+            return response
+        d = Deferred()
+        d.addCallback(lambda _: response)
+        self.later.append(d)
+        return d
+
+
+@pytest.fixture
+def access(monkeypatch):
+    lines: list[str] = []
+    monkeypatch.setattr(logs, "access", lines.append)
+    return lines
+
+
+def connect(clock: Clock, provisioner: Provisioner, inflight: InFlight | None = None):
+    factory = HTTPFactory(lambda: provisioner, "http", clock, inflight)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_request_is_answered_with_the_document(access):
+    clock, provisioner = Clock(), Provisioner()
+    protocol, transport = connect(clock, provisioner)
+    protocol.dataReceived(b"GET /001565123456.cfg HTTP/1.1\r\nHost: prov\r\nUser-Agent: Yealink\r\n"
+                          b"Authorization: Basic c2VjcmV0\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nContent-Length: 30\r\n" in head + b"\r\n" and b"Cache-Control: no-store" in head
+    assert body == b"document for /001565123456.cfg"
+    request = provisioner.requests[0]
+    assert (request.client, request.host, request.user_agent, request.authorization, request.method) == (
+        "192.0.2.7", "prov", "Yealink", "Basic c2VjcmV0", "GET")
+    assert not transport.disconnecting
+    assert len(access) == 1 and access[0].startswith('http 192.0.2.7 "GET /001565123456.cfg" 200 30 ')
+    assert "c2VjcmV0" not in access[0]
+
+
+def test_the_access_line_hides_passwords(access):
+    protocol, transport = connect(Clock(), Provisioner())
+    protocol.dataReceived(b"GET /zoiper?user=alice;password=hunter2secret&version=1.14 HTTP/1.1\r\n\r\n")
+    assert "hunter2secret" not in access[0] and "password=***" in access[0]
+
+
+def test_head_gets_the_headers_only(access):
+    protocol, transport = connect(Clock(), Provisioner())
+    protocol.dataReceived(b"HEAD /a.cfg HTTP/1.1\r\n\r\n")
+    assert transport.value().endswith(b"Content-Length: 19\r\n\r\n")
+
+
+def test_other_methods_get_405(access):
+    provisioner = Provisioner()
+    protocol, transport = connect(Clock(), provisioner)
+    protocol.dataReceived(b"POST /a.cfg HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+    assert transport.value().startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert b"Allow: GET, HEAD\r\n" in transport.value()
+    assert provisioner.requests == []
+
+
+def test_http10_and_connection_close_close_after_the_response(access):
+    for data in (b"GET /a HTTP/1.0\r\n\r\n", b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n"):
+        protocol, transport = connect(Clock(), Provisioner())
+        protocol.dataReceived(data + REQUEST)
+        assert transport.value().count(b"HTTP/1.1 200") == 1 and b"Connection: close" in transport.value()
+        assert transport.disconnecting
+
+
+def test_pipelined_requests_are_answered_in_order_even_when_late(access):
+    clock, provisioner = Clock(), Provisioner()
+    provisioner.later = []
+    inflight = InFlight()
+    protocol, transport = connect(clock, provisioner, inflight)
+    protocol.dataReceived(b"GET /one HTTP/1.1\r\n\r\nGET /two HTTP/1.1\r\n\r\n")
+    assert [r.path for r in provisioner.requests] == ["/one"]  # the second waits for the first
+    assert transport.value() == b"" and inflight.count == 1
+    provisioner.later.pop(0).callback(None)
+    assert [r.path for r in provisioner.requests] == ["/one", "/two"]
+    assert transport.value().count(b"HTTP/1.1 200") == 1
+    provisioner.later.pop(0).callback(None)
+    answers = transport.value().split(b"HTTP/1.1 200 OK")
+    assert answers[1].endswith(b"/one") and answers[2].endswith(b"/two")
+    assert inflight.count == 0
+
+
+def test_an_answer_for_a_client_that_went_away_is_dropped(access):
+    clock, provisioner = Clock(), Provisioner()
+    provisioner.later = []
+    inflight = InFlight()
+    protocol, transport = connect(clock, provisioner, inflight)
+    protocol.dataReceived(REQUEST)
+    protocol.connectionLost(None)
+    provisioner.later.pop(0).callback(None)
+    assert transport.value() == b"" and inflight.count == 0
+    assert " 200 0 " in access[0]  # nothing sent
+
+
+def test_reading_stops_while_too_much_is_buffered(access):
+    clock, provisioner = Clock(), Provisioner()
+    provisioner.later = []
+    protocol, transport = connect(clock, provisioner)
+    protocol.dataReceived(REQUEST)
+    protocol.dataReceived(b"GET /" + b"a" * 1000 + b" HTTP/1.1\r\n" + b"X: y\r\n" * 14000)
+    assert transport.producerState == "paused"
+    provisioner.later.pop(0).callback(None)
+    assert transport.producerState == "producing" or transport.disconnecting
+
+
+def test_malformed_requests_are_refused_and_logged(access):
+    protocol, transport = connect(Clock(), Provisioner())
+    protocol.dataReceived(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 414 ") and transport.disconnecting
+    assert access == ['http 192.0.2.7 "-" 414 0 0.0ms who=- "request line too long"']
+
+
+# The header deadline -------------------------------------------------------------
+
+
+def test_headers_not_complete_in_time_get_408(access):
+    clock = Clock()
+    protocol, transport = connect(clock, Provisioner())
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n")
+    clock.advance(httpcore.HEADER_DEADLINE - 0.5)
+    protocol.dataReceived(b"X-Slow: 1\r\n")  # trickling does not move the deadline
+    assert transport.value() == b""
+    clock.advance(0.5)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+
+
+def test_the_deadline_restarts_after_each_response_on_a_kept_alive_connection(access):
+    clock = Clock()
+    protocol, transport = connect(clock, Provisioner())
+    for _ in range(3):
+        clock.advance(httpcore.HEADER_DEADLINE - 1)
+        protocol.dataReceived(REQUEST)
+        assert b"HTTP/1.1 200 " in transport.value()
+        transport.clear()
+    assert len(clock.getDelayedCalls()) == 1  # one timer, re-armed lazily
+    clock.advance(httpcore.HEADER_DEADLINE - 0.1)
+    assert not transport.disconnecting
+    protocol.dataReceived(b"GET /late")
+    clock.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+def test_an_idle_kept_alive_connection_is_closed_silently(access):
+    clock = Clock()
+    protocol, transport = connect(clock, Provisioner())
+    protocol.dataReceived(REQUEST)
+    transport.clear()
+    clock.advance(httpcore.HEADER_DEADLINE + 0.1)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_a_closed_connection_leaves_no_timer(access):
+    clock = Clock()
+    protocol, transport = connect(clock, Provisioner())
+    protocol.dataReceived(REQUEST)
+    protocol.connectionLost(None)
+    assert all(not call.active() for call in clock.getDelayedCalls())
