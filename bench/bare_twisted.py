@@ -1,10 +1,11 @@
-"""The ceiling of zprovd's HTTP stack: a bare twisted.web resource returning fixed bytes.
+"""The issue's HTTP reference: a bare twisted.web resource returning fixed bytes.
 
 Started by the bench as a subprocess:
 ``python bench/bare_twisted.py SIZE [--tls CERT KEY]``; prints
 ``bare: serving http on 127.0.0.1:PORT`` (and https) on stderr.  Same
-reactor, same twisted.web Site and Request classes as zprovd, no access log
-(zprovd writes its own), content-length set like zprovd does.
+reactor as zprovd, no access log, content-length set like zprovd does.
+zprovd's provisioning listeners no longer use twisted.web (they use
+``zprovd.httpcore``); ``bare_httpcore.py`` is the ceiling of that stack.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HTTP and HTTPS: zprovd against nginx (pre-rendered files) and a bare twisted.web resource.
+"""HTTP and HTTPS: zprovd against nginx (pre-rendered files), a bare twisted.web resource and bare httpcore.
 
 All servers listen on 127.0.0.1 only; wrk (keep-alive) cycles over the
 10,000 per-MAC URLs (or the Zoiper URLs) with a Lua script.
@@ -132,8 +132,9 @@ class Nginx:
         self.proc.stop()
 
 
-def start_bare(size: int, cert: Path, key: Path) -> tuple[Proc, int, int]:
-    proc = Proc("bare-twisted", [PYTHON, str(BENCH / "bare_twisted.py"), str(size), "--tls", str(cert), str(key)])
+def start_bare(name: str, size: int, cert: Path, key: Path) -> tuple[Proc, int, int]:
+    """``bare_twisted.py`` or ``bare_httpcore.py``: fixed bytes of ``size``."""
+    proc = Proc(name, [PYTHON, str(BENCH / f"{name.replace('-', '_')}.py"), str(size), "--tls", str(cert), str(key)])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         ports = dict(re.findall(r"bare: serving (\w+) on 127.0.0.1:(\d+)", proc.log_text()))
@@ -142,7 +143,7 @@ def start_bare(size: int, cert: Path, key: Path) -> tuple[Proc, int, int]:
         if not proc.alive():
             break
         time.sleep(0.1)
-    raise RuntimeError(f"bare twisted.web did not start:\n{proc.log_text()}")
+    raise RuntimeError(f"{name} did not start:\n{proc.log_text()}")
 
 
 def run_http(quick: bool, profile: bool) -> dict:
@@ -200,7 +201,8 @@ def run_http(quick: bool, profile: bool) -> dict:
 
     cert, key = self_signed(work)
     nginx = Nginx(root, work / "nginx", cert, key)
-    bare, bare_port, bare_tls = start_bare(res["file_bytes_median"], cert, key)
+    bare, bare_port, bare_tls = start_bare("bare-twisted", res["file_bytes_median"], cert, key)
+    core, core_port, core_tls = start_bare("bare-httpcore", res["file_bytes_median"], cert, key)
     nginx_pid = nginx.worker_pid()
 
     rounds = 1 if quick else 2
@@ -223,11 +225,13 @@ def run_http(quick: bool, profile: bool) -> dict:
         for _round in range(rounds):
             for c in conns:
                 record("per-MAC", "bare-twisted", f"http://127.0.0.1:{bare_port}", mac_paths, c, bare.pid)
+                record("per-MAC", "bare-httpcore", f"http://127.0.0.1:{core_port}", mac_paths, c, core.pid)
                 record("per-MAC", "zprovd", f"http://127.0.0.1:{port}", mac_paths, c, z.pid)
                 record("per-MAC", "nginx", f"http://127.0.0.1:{nginx.port}", mac_paths, c, nginx_pid)
                 record("zoiper", "zprovd", f"http://127.0.0.1:{port}", zpaths, c, z.pid)
             for c in ([64] if quick else conns):
                 record("per-MAC https", "bare-twisted", f"https://127.0.0.1:{bare_tls}", mac_paths, c, bare.pid)
+                record("per-MAC https", "bare-httpcore", f"https://127.0.0.1:{core_tls}", mac_paths, c, core.pid)
                 record("per-MAC https", "zprovd", f"https://127.0.0.1:{tls_port}", mac_paths, c, z.pid)
                 record("per-MAC https", "nginx", f"https://127.0.0.1:{nginx.tls_port}", mac_paths, c, nginx_pid)
         res["runs"] = list(best.values())
@@ -241,6 +245,7 @@ def run_http(quick: bool, profile: bool) -> dict:
                 res.setdefault("profiles", {})[label] = p.stop()
     finally:
         bare.stop()
+        core.stop()
         nginx.stop()
         z.stop()
     return res

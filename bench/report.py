@@ -146,7 +146,9 @@ def markdown(results: dict) -> str:
               f"{h['devices']:,} devices (mix: 70% Yealink T48G, 10% each Snom D785, Polycom VVX 410, Grandstream "
               f"GXP2170), wrk cycling over their per-MAC URLs for {h['seconds']} s per row; nginx serves the same "
               f"bytes pre-rendered to disk (median {h['file_bytes_median']:,} bytes), one worker, access log on; "
-              f"the bare twisted.web resource returns {h['file_bytes_median']:,} fixed bytes. Zoiper: "
+              f"the bare twisted.web resource (the issue's reference) and bare httpcore (zprovd's own HTTP layer, "
+              f"`bench/bare_httpcore.py`: the ceiling of zprovd's stack) return {h['file_bytes_median']:,} fixed "
+              "bytes. Zoiper: "
               f"{h['zoiper_users']} users cycled, `/zoiper?user=U&password=P&version=1.14`, after one first login "
               f"each (first login: {h['zoiper_first_login_ms']} ms per user sequentially, a PBKDF2). "
               "CPU % is the server process's CPU time over the run (100% = one core).", ""]
@@ -156,12 +158,15 @@ def markdown(results: dict) -> str:
                             r["connections"]))
             ngx = idx.get(("per-MAC" if r["case"] != "per-MAC https" else "per-MAC https", "nginx",
                            r["connections"]))
+            core = idx.get(("per-MAC" if r["case"] != "per-MAC https" else "per-MAC https", "bare-httpcore",
+                            r["connections"]))
             rows.append([r["case"], r["server"], r["connections"], _fmt(r["rps"]), _fmt(r["p50_ms"], 2),
                          _fmt(r["p99_ms"], 2), r["errors"], _fmt(r.get("server_cpu_pct"), 0),
                          _ratio(r["rps"], base["rps"]) if base and r["server"] != "bare-twisted" else "",
+                         _ratio(r["rps"], core["rps"]) if core and r["server"] == "zprovd" else "",
                          _ratio(r["rps"], ngx["rps"]) if ngx and r["server"] != "nginx" else ""])
         L += _table(["case", "server", "conns", "req/s", "p50 ms", "p99 ms", "errors", "CPU %",
-                     "/ bare twisted", "/ nginx"], rows) + [""]
+                     "/ bare twisted", "/ bare httpcore", "/ nginx"], rows) + [""]
         L += [f"Import of {h['zoiper_users']} users at the default PBKDF2 cost: {h['import_default_rows_per_s']} rows/s "
               f"(the {h['devices']:,} devices were imported with 1,000 iterations, bench data only, in "
               f"{h['import_bulk_s']} s). zprovd RSS after the HTTP runs: "
