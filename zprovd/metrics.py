@@ -19,12 +19,21 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class _ServiceCollector:
-    """Figures owned by the TFTP and DHCP services, read at scrape time."""
+    """Figures counted in plain ints (requests answered) or owned by the
+    TFTP, DHCP and document-cache code, read at scrape time."""
 
     def __init__(self, metrics: "Metrics"):
         self.metrics = metrics
 
     def collect(self):
+        answered = sorted(self.metrics._answered.items())
+        requests = CounterMetricFamily("zprovd_requests", "Requests answered", labels=["protocol", "status"])
+        sizes = CounterMetricFamily("zprovd_response_bytes", "Bytes of responses", labels=["protocol", "status"])
+        for (protocol, status), (count, size) in answered:
+            requests.add_metric([protocol, str(status)], count)
+            sizes.add_metric([protocol, str(status)], size)
+        yield requests
+        yield sizes
         tftp = self.metrics.tftp_stats() if self.metrics.tftp_stats else None
         if tftp is not None:
             yield GaugeMetricFamily("zprovd_tftp_sessions_active", "TFTP transfers in flight", value=tftp.get("active", 0))
@@ -54,8 +63,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("zprovd_requests", "Requests answered", ["protocol", "status"], registry=r)
-        self.response_bytes = Counter("zprovd_response_bytes", "Bytes of responses", ["protocol", "status"], registry=r)
         self.render_seconds = Histogram(
             "zprovd_render_seconds", "Template render time", ["kind"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -63,22 +70,21 @@ class Metrics:
             "zprovd_backend_lookup_seconds", "Backend look-up latency", ["operation"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.backend_errors = Counter("zprovd_backend_errors", "Failed backend look-ups", ["operation"], registry=r)
-        self._answered: dict[tuple[str, int], tuple[Counter, Counter]] = {}
+        self._answered: dict[tuple[str, int], list[int]] = {}
+        """(protocol, status): [requests, response bytes]; plain ints, read at
+        scrape time (a prometheus_client counter takes a lock per increment)."""
         self.tftp_stats: Callable[[], dict[str, int]] | None = None
         self.dhcp_stats: Callable[[], dict[str, int]] | None = None
         self.document_stats: Callable[[], dict[str, int]] | None = None
         r.register(_ServiceCollector(self))
 
     def answered(self, protocol: str, status: int, size: int) -> None:
-        children = self._answered.get((protocol, status))
-        if children is None:  # resolving labels costs more than counting: once per pair
-            label = str(status)
-            children = self._answered[(protocol, status)] = (
-                self.requests.labels(protocol, label), self.response_bytes.labels(protocol, label),
-            )
-        children[0].inc()
-        if size:
-            children[1].inc(size)
+        """Count one response (from the reactor thread)."""
+        counts = self._answered.get((protocol, status))
+        if counts is None:
+            counts = self._answered[(protocol, status)] = [0, 0]
+        counts[0] += 1
+        counts[1] += size
 
     def timed_lookup(self, d: Deferred, operation: str, started: float, clock: Callable[[], float]) -> Deferred:
         """Observe a backend Deferred's latency and failures; returns it unchanged."""
