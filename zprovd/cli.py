@@ -122,6 +122,7 @@ def _table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_run(s: Session, args) -> int:
+    import gc
     import signal
 
     from twisted.internet import reactor
@@ -134,6 +135,11 @@ def cmd_run(s: Session, args) -> int:
     status = [EXIT_OK]
 
     def started(_):
+        # What start-up loaded (modules, templates, catalogue) lives as long
+        # as the process: kept out of the cycle collector's full passes,
+        # which otherwise walk it again every time, pausing the reactor.
+        gc.collect()
+        gc.freeze()
         for bound in daemon.bound:
             print(f"zprovd: serving {bound.protocol} on {bound.host}:{bound.port}", file=sys.stderr, flush=True)
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(daemon.reload))
