@@ -317,6 +317,18 @@ def parse_query(query: bytes) -> dict[str, list[str]]:
     ``&`` and ``;``, ``+`` is a space, percent-escapes decoded as UTF-8
     (invalid bytes replaced), blank values kept, items without ``=`` dropped."""
     args: dict[str, list[str]] = {}
+    if b"%" not in query and b"+" not in query:
+        # Nothing to unquote: decode once.  The separators are ASCII, so
+        # decoding the whole equals decoding each piece, invalid bytes too.
+        text = query.decode("utf-8", errors="replace")
+        pieces = text.split("&")
+        if ";" in text:
+            pieces = [piece for part in pieces for piece in part.split(";")]
+        for piece in pieces:
+            name, eq, value = piece.partition("=")
+            if eq:
+                args.setdefault(name, []).append(value)
+        return args
     items = query.split(b"&")
     if b";" in query:
         items = [item for part in items for item in part.split(b";")]

@@ -10,6 +10,7 @@ One access-log line per request, with secret query values replaced by
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -45,15 +46,23 @@ def redact_uri(uri: str, secret_params: set[str] | frozenset[str]) -> str:
     path, sep, query = uri.partition("?")
     if not sep:
         return path
+    if not isinstance(secret_params, frozenset):
+        secret_params = frozenset(secret_params)
     parts = []
     for part in re.split(r"[&;]", query) if ";" in query else query.split("&"):
         raw_name, eq, _ = part.partition("=")
-        if eq:
-            name = unquote_plus(raw_name) if "%" in raw_name or "+" in raw_name else raw_name
-            if name.lower() in secret_params or SECRET_PARAM.search(name):
-                part = f"{raw_name}=***"
+        if eq and _is_secret(raw_name, secret_params):
+            part = f"{raw_name}=***"
         parts.append(part)
     return path + "?" + "&".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_secret(raw_name: str, secret_params: frozenset[str]) -> bool:
+    """Whether a query parameter, as written in the URI, holds a secret (the
+    few names clients use are remembered; names are not secrets)."""
+    name = unquote_plus(raw_name) if "%" in raw_name or "+" in raw_name else raw_name
+    return name.lower() in secret_params or SECRET_PARAM.search(name) is not None
 
 
 _PLAIN = re.compile(r"[\w@.:+-]*", re.ASCII)

@@ -244,7 +244,12 @@ def test_any_bytes_give_requests_refusals_or_nothing(data, cuts):
             connection.response_done(0.0, event.keep_alive)
 
 
-@given(st.binary(max_size=200))
+QUERY_BYTES = st.lists(st.sampled_from([b"a", b"=", b"&", b";", b"\xe2", b"\x82", b"\xff", "\u00e9\u20ac".encode(),
+                                        b"%", b"%e2%82", b"+", b"%3D", b"%26"]), max_size=30).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.binary(max_size=200), QUERY_BYTES))
 def test_queries_are_parsed_as_twisted_web_parses_them(query):
     expected = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
                 for k, vs in parse_qs(query, 1).items()}
