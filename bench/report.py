@@ -181,7 +181,9 @@ def markdown(results: dict) -> str:
               + "). Ratio = against tftpd-hpa at the same blksize, lockstep. Lockstep TFTP is a ping-pong whose "
               "speed on a VM is mostly CPU wake-up latency, which changes with whatever else runs: every case is "
               "measured with free scheduling and with the server and the client pinned to one CPU (then the "
-              "time is the sum of both sides' per-packet work, the most repeatable figure).", ""]
+              "time is the sum of both sides' per-packet work, the most repeatable figure). `bare-twisted` is "
+              "`bench/bare_tftp.py`, a Twisted server with no session logic (one block per ACK, nothing else): "
+              "the ceiling of any TFTP server on the same reactor.", ""]
         rows = []
         for r in t["single"]:
             hpa = tftp_index(t, r.get("pinned", False)).get((r["file"], "tftpd-hpa", r["blksize"], 1))
