@@ -125,6 +125,7 @@ class HTTPFactory(Factory):
 _NO_CERTIFICATE = object()
 _CONTENT_TYPES: dict[str, bytes] = {}
 _NO_STORE = (b"Cache-Control", b"no-store")
+_INTERNAL_ERROR = Response(500, b"internal error\n", reason="internal error")
 _METHOD_NOT_ALLOWED = Response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")], reason="method not allowed")
 
 
@@ -231,7 +232,11 @@ class HTTPProtocol(Protocol):
         if head.method != b"GET" and head.method != b"HEAD":
             answer = _METHOD_NOT_ALLOWED
         else:
-            answer = provisioner.answer(request)
+            try:
+                answer = provisioner.answer(request)
+            except Exception:  # a bug, or a backend raising at once: 500, the connection survives
+                log.failure("answering {path} failed", path=request.path)
+                answer = _INTERNAL_ERROR
         if isinstance(answer, Response) and answer.file is None:
             # Known at once (a cached document, a refusal): no Deferred.
             sent = self._send(head, answer)
@@ -250,7 +255,7 @@ class HTTPProtocol(Protocol):
 
         def failed(failure) -> None:
             log.failure("answering a request failed", failure)
-            respond(Response(500, b"internal error\n", reason="internal error"))
+            respond(_INTERNAL_ERROR)
 
         d = answer if isinstance(answer, Deferred) else succeed(answer)
         d.addCallback(respond).addErrback(failed)

@@ -194,3 +194,31 @@ def test_a_closed_connection_leaves_no_timer(access):
     protocol.dataReceived(REQUEST)
     protocol.connectionLost(None)
     assert all(not call.active() for call in clock.getDelayedCalls())
+
+
+def test_a_provisioner_failing_at_once_gives_500_and_the_connection_goes_on(access):
+    provisioner = Provisioner()
+    answer = provisioner.answer
+    calls = []
+
+    def broken(request):  # the first request hits a bug, the second does not
+        calls.append(request)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return answer(request)
+
+    provisioner.answer = broken
+    protocol, transport = connect(Clock(), provisioner)
+    protocol.dataReceived(REQUEST + REQUEST)
+    assert transport.value().startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 1 and not transport.disconnecting
+    assert " 500 " in access[0]
+
+
+def test_a_late_answer_failing_gives_500(access):
+    clock, provisioner = Clock(), Provisioner()
+    provisioner.later = []
+    protocol, transport = connect(clock, provisioner)
+    protocol.dataReceived(REQUEST)
+    provisioner.later.pop(0).errback(RuntimeError("backend gone"))
+    assert transport.value().startswith(b"HTTP/1.1 500 ")
