@@ -34,6 +34,12 @@ log = Logger(namespace="zprovd.http")
 
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|auth", re.IGNORECASE)
 FILE_CHUNK = 64 * 1024
+ABORT_AFTER = 15.0
+"""Seconds a closing connection may take to flush what it was sent before
+it is aborted: a client that stops reading cannot hold it open."""
+SEND_STALL = 60.0
+"""Seconds a firmware download may make no progress (the client reading
+nothing) before the connection is aborted."""
 PAUSE_READING_AT = httpcore.MAX_REQUEST_LINE + httpcore.MAX_HEADER_BYTES + httpcore.MAX_BODY
 """Bytes of further requests buffered while one is answered before reading stops."""
 
@@ -138,6 +144,7 @@ class HTTPProtocol(Protocol):
         self.reactor = factory.reactor
         self.connection: ServerConnection | None = None
         self._timer = None
+        self._closing = None
         self._lost = False
         self._paused = False
         self._peer = "-"
@@ -157,9 +164,10 @@ class HTTPProtocol(Protocol):
 
     def connectionLost(self, reason=None):
         self._lost = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._closing):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._closing = None
 
     def _next(self) -> None:
         """Answer what the connection hands out until it needs more bytes,
@@ -196,14 +204,21 @@ class HTTPProtocol(Protocol):
         if refusal is not None:
             self._refuse(refusal)
         elif self.connection.closed:
-            self.transport.loseConnection()
+            self._close()
         else:
             self._arm()
+
+    def _close(self) -> None:
+        """Close after what was written is sent, or abort if the client does
+        not read it within ABORT_AFTER seconds."""
+        if self._closing is None and not self._lost:
+            self.transport.loseConnection()
+            self._closing = self.reactor.callLater(ABORT_AFTER, self.transport.abortConnection)
 
     def _refuse(self, refusal: Refusal) -> None:
         now = self.reactor.seconds()
         self.transport.write(httpcore.refusal_bytes(refusal, now))
-        self.transport.loseConnection()
+        self._close()
         if self.factory.metrics is not None:
             self.factory.metrics.answered(self.factory.protocol, refusal.status, 0)
         logs.access(f'{self.factory.protocol} {self._peer} "-" {refusal.status} 0 0.0ms who=- "{refusal.reason}"')
@@ -285,7 +300,7 @@ class HTTPProtocol(Protocol):
     def _response_done(self, keep_alive: bool) -> None:
         self.connection.response_done(self.reactor.seconds(), keep_alive)
         if not keep_alive:
-            self.transport.loseConnection()
+            self._close()
             return
         if self._paused:
             self._paused = False
@@ -300,7 +315,7 @@ class HTTPProtocol(Protocol):
             self._finished(head, request, status, sent, response, provisioner, started)
             self.factory.inflight.leave()
             if not complete:
-                self.transport.loseConnection()
+                self._close()
             elif not self._lost:
                 self._response_done(head.keep_alive)
                 self._next()
@@ -343,7 +358,8 @@ class HTTPProtocol(Protocol):
             return done(status, 0)
         file.seek(first)
         self.transport.registerProducer(
-            _FileBody(self.transport, file, count, lambda sent, complete: done(status, sent, complete)), False
+            _FileBody(self.transport, self.reactor, file, count,
+                      lambda sent, complete: done(status, sent, complete)), False
         )
 
     def _finished(self, head: RequestHead, request: Request, status: int, sent: int, response: Response | None,
@@ -369,17 +385,31 @@ class HTTPProtocol(Protocol):
 class _FileBody:
     """``count`` bytes of an open file, read and written one chunk each time
     the transport asks; then ``done(sent, complete)``, once.  Not complete:
-    the client went away or the file shrank under us (the connection must
+    the client went away, stopped reading for SEND_STALL seconds (the
+    connection is aborted) or the file shrank under us (the connection must
     close, the promised length cannot be kept)."""
 
-    def __init__(self, transport, file, count: int, done: Callable[[int, bool], None]):
+    def __init__(self, transport, reactor, file, count: int, done: Callable[[int, bool], None]):
         self.transport = transport
+        self.reactor = reactor
         self.file = file
         self.left = count
         self.sent = 0
         self.done = done
+        self.progress = reactor.seconds()
+        self._watch = reactor.callLater(SEND_STALL, self._check)
+
+    def _check(self) -> None:
+        """One timer per download, re-armed lazily: abort when stalled."""
+        idle = self.reactor.seconds() - self.progress
+        if idle >= SEND_STALL:
+            self._watch = None
+            self.transport.abortConnection()  # stopProducing follows
+        else:
+            self._watch = self.reactor.callLater(SEND_STALL - idle, self._check)
 
     def resumeProducing(self) -> None:
+        self.progress = self.reactor.seconds()
         chunk = self.file.read(min(FILE_CHUNK, self.left))
         if chunk:
             self.left -= len(chunk)
@@ -393,6 +423,9 @@ class _FileBody:
         self._end(False)
 
     def _end(self, complete: bool) -> None:
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from zprovd import httpcore, logs
+from zprovd import httpcore, logs, web
 from zprovd.provisioning import Response
 from zprovd.web import HTTPFactory, InFlight
 
@@ -26,11 +26,14 @@ class Provisioner:
     def __init__(self):
         self.requests = []
         self.later: list[Deferred] | None = None  # set: answer through Deferreds
+        self.file = None  # set: answer with this firmware file
         self.config = SimpleNamespace(access=SimpleNamespace(trusted_proxies=[]))
         self.secret_params = {"password"}
 
     def answer(self, request):
         self.requests.append(request)
+        if self.file is not None:
+            return Response(200, file=self.file, content_type="application/octet-stream", reason="firmware")
         response = Response(200, b"document for " + request.path.encode(), "text/plain", who="001565123456")
         if self.later is None:
             return response
@@ -222,3 +225,59 @@ def test_a_late_answer_failing_gives_500(access):
     protocol.dataReceived(REQUEST)
     provisioner.later.pop(0).errback(RuntimeError("backend gone"))
     assert transport.value().startswith(b"HTTP/1.1 500 ")
+
+
+# Clients that stop reading ----------------------------------------------------------
+
+
+def test_a_closing_connection_whose_client_does_not_read_is_aborted(access):
+    clock = Clock()
+    protocol, transport = connect(clock, Provisioner())
+    protocol.dataReceived(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert transport.disconnecting and not transport.disconnected  # waiting for the bytes to go
+    clock.advance(web.ABORT_AFTER)
+    assert transport.disconnected  # aborted
+
+
+def test_an_idle_connection_whose_client_does_not_read_is_aborted(access):
+    clock = Clock()
+    protocol, transport = connect(clock, Provisioner())
+    protocol.dataReceived(REQUEST)
+    clock.advance(httpcore.HEADER_DEADLINE)
+    assert transport.disconnecting and not transport.disconnected
+    clock.advance(web.ABORT_AFTER)
+    assert transport.disconnected
+
+
+def test_a_firmware_download_streams_and_the_connection_goes_on(access, tmp_path):
+    clock, provisioner = Clock(), Provisioner()
+    firmware = tmp_path / "fw.rom"
+    firmware.write_bytes(bytes(range(256)) * 1000)
+    provisioner.file = firmware
+    protocol, transport = connect(clock, provisioner)
+    protocol.dataReceived(b"GET /fw.rom HTTP/1.1\r\nRange: bytes=1000-\r\n\r\n")
+    chunks = 0
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+        chunks += 1
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206 ") and b"Content-Range: bytes 1000-255999/256000" in head
+    assert body == firmware.read_bytes()[1000:] and chunks == 4
+    assert not transport.disconnecting and ' 206 255000 ' in access[0]
+    assert clock.getDelayedCalls() and all(c.getTime() == httpcore.HEADER_DEADLINE for c in clock.getDelayedCalls()
+                                           if c.active())  # the stall watch is gone
+
+
+def test_a_firmware_download_the_client_stops_reading_is_aborted(access, tmp_path):
+    clock, provisioner = Clock(), Provisioner()
+    firmware = tmp_path / "fw.rom"
+    firmware.write_bytes(b"x" * 1_000_000)
+    provisioner.file = firmware
+    protocol, transport = connect(clock, provisioner)
+    protocol.dataReceived(b"GET /fw.rom HTTP/1.1\r\n\r\n")
+    for _ in range(3):  # reading slowly is fine
+        clock.advance(web.SEND_STALL - 1)
+        transport.producer.resumeProducing()
+    assert not transport.disconnecting
+    clock.advance(web.SEND_STALL)
+    assert transport.disconnected
