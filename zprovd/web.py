@@ -260,13 +260,7 @@ class HTTPProtocol(Protocol):
         factory.inflight.enter()
 
         def respond(response: Response) -> None:
-            if response.file is not None:
-                self._send_file(head, request, response, provisioner, started)
-                return
-            sent = self._send(head, response) if not self._lost else 0
-            self._finished(head, request, response.status, sent, response, provisioner, started)
-            factory.inflight.leave()
-            self._next()
+            self._answer_later(head, request, response, provisioner, started)
 
         def failed(failure) -> None:
             log.failure("answering a request failed", failure)
@@ -275,6 +269,18 @@ class HTTPProtocol(Protocol):
         d = answer if isinstance(answer, Deferred) else succeed(answer)
         d.addCallback(respond).addErrback(failed)
         return False
+
+    def _answer_later(self, head: RequestHead, request: Request, response: Response,
+                      provisioner: Provisioner, started: float) -> None:
+        """Write an answer that was not known at once (counted in flight),
+        then go on with the requests that waited for it."""
+        if response.file is not None:
+            self._send_file(head, request, response, provisioner, started)
+            return
+        sent = self._send(head, response) if not self._lost else 0
+        self._finished(head, request, response.status, sent, response, provisioner, started)
+        self.factory.inflight.leave()
+        self._next()
 
     def _peer_certificate_macs(self) -> frozenset[str] | None:
         if self._certificate_macs is _NO_CERTIFICATE:  # one look per connection
@@ -324,10 +330,7 @@ class HTTPProtocol(Protocol):
             file = open(response.file, "rb")  # noqa: SIM115 - closed by _FileBody or below
         except OSError:  # gone since the look-up
             missing = Response(404, b"not found\n", who=response.who, reason="firmware gone")
-            sent = self._send(head, missing) if not self._lost else 0
-            self._finished(head, request, 404, sent, missing, provisioner, started)
-            self.factory.inflight.leave()
-            self._next()
+            self._answer_later(head, request, missing, provisioner, started)
             return
         if self._lost:
             file.close()

@@ -141,7 +141,8 @@ def test_reading_stops_while_too_much_is_buffered(access):
     protocol.dataReceived(b"GET /" + b"a" * 1000 + b" HTTP/1.1\r\n" + b"X: y\r\n" * 14000)
     assert transport.producerState == "paused"
     provisioner.later.pop(0).callback(None)
-    assert transport.producerState == "producing" or transport.disconnecting
+    assert transport.producerState == "producing"  # reading again once the answer went out
+    assert b"HTTP/1.1 431 " in transport.value()  # and the buffered oversized request is refused
 
 
 def test_malformed_requests_are_refused_and_logged(access):
@@ -281,3 +282,13 @@ def test_a_firmware_download_the_client_stops_reading_is_aborted(access, tmp_pat
     assert not transport.disconnecting
     clock.advance(web.SEND_STALL)
     assert transport.disconnected
+
+
+def test_a_firmware_file_gone_since_the_look_up_gets_404_and_the_connection_goes_on(access, tmp_path):
+    provisioner = Provisioner()
+    provisioner.file = tmp_path / "gone.rom"
+    inflight = InFlight()
+    protocol, transport = connect(Clock(), provisioner, inflight)
+    protocol.dataReceived(b"GET /gone.rom HTTP/1.1\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 404 ") and not transport.disconnecting
+    assert inflight.count == 0 and '"firmware gone"' in access[0]
