@@ -43,6 +43,13 @@ from zprovd.web import HTTPFactory, InFlight
 
 log = Logger(namespace="zprovd.daemon")
 
+# Connections the kernel completes and queues for an HTTP(S) listener before
+# zprovd accepts them (capped by net.core.somaxconn).  Twisted's default is 50:
+# when phones reboot together (a power cut, a firmware push) the handshakes
+# beyond it are dropped and the phones retry after 0.2 to 1 s, several times
+# over.  With 512 clients connecting at once that was a p99 of 0.3-1.9 s.
+LISTEN_BACKLOG = 1024
+
 
 class StartupError(Exception):
     """The daemon cannot start (or reload); the message is one line for the operator."""
@@ -141,10 +148,10 @@ class Daemon(MultiService):
         return self.current_provisioner().backend.get_user("zprovd-health-check")
 
     def _bind_http(self, listen: Listen):
-        return self.reactor.listenTCP(listen.port, self._sites["http"], interface=listen.host)
+        return self.reactor.listenTCP(listen.port, self._sites["http"], backlog=LISTEN_BACKLOG, interface=listen.host)
 
     def _bind_https(self, listen: Listen):
-        return self.reactor.listenSSL(listen.port, self._sites["https"], self.tls, interface=listen.host)
+        return self.reactor.listenSSL(listen.port, self._sites["https"], self.tls, backlog=LISTEN_BACKLOG, interface=listen.host)
 
     def _bind_metrics(self, listen: Listen):
         return self.reactor.listenTCP(listen.port, self._metrics_site, interface=listen.host)

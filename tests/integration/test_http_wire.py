@@ -82,3 +82,13 @@ def test_a_client_leaving_in_the_middle_of_a_firmware_download_harms_nothing(dae
     assert r.stdout == b"200 %d" % (8 * 1024 * 1024)
     daemon.wait_for_log('"GET /big.rom" 200 ')
     assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log
+
+
+def test_http_listeners_queue_a_boot_storm_of_connections(daemon):
+    # For a listening socket ss shows the accept backlog as Send-Q.  Twisted's
+    # default of 50 drops the handshakes of phones rebooting together.
+    for proto in ("http", "https"):
+        r = subprocess.run(["ss", "-ltnH", f"sport = :{daemon.ports[proto]}"], capture_output=True, text=True,
+                           timeout=15)
+        rows = [line.split() for line in r.stdout.splitlines()]
+        assert [row[:3] for row in rows] == [["LISTEN", "0", "1024"]], r.stdout
