@@ -17,6 +17,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from zprovd import httpcore
 
+BACKLOG = 1024  # as zprovd's listeners (and nginx in the bench): p99 then compares request handling, not the accept queue
+
 
 class Fixed(Protocol):
     def __init__(self, body: bytes):
@@ -57,12 +59,12 @@ def main() -> None:
     size = int(sys.argv[1])
     body = (b"# fixed bytes of a provisioning file\n" * (size // 37 + 1))[:size]
     factory = FixedFactory(body)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface="127.0.0.1")
     print(f"bare: serving http on 127.0.0.1:{port.getHost().port}", file=sys.stderr, flush=True)
     if "--tls" in sys.argv:
         i = sys.argv.index("--tls")
         ctx = ssl.DefaultOpenSSLContextFactory(sys.argv[i + 2], sys.argv[i + 1])
-        tport = reactor.listenSSL(0, factory, ctx, interface="127.0.0.1")
+        tport = reactor.listenSSL(0, factory, ctx, backlog=BACKLOG, interface="127.0.0.1")
         print(f"bare: serving https on 127.0.0.1:{tport.getHost().port}", file=sys.stderr, flush=True)
     reactor.run()
 

@@ -110,8 +110,8 @@ class Nginx:
                 uwsgi_temp_path {workdir}/tmp/uwsgi;
                 scgi_temp_path {workdir}/tmp/scgi;
                 server {{
-                    listen 127.0.0.1:{self.port};
-                    listen 127.0.0.1:{self.tls_port} ssl;
+                    listen 127.0.0.1:{self.port} backlog=1024;
+                    listen 127.0.0.1:{self.tls_port} ssl backlog=1024;
                     ssl_certificate {cert};
                     ssl_certificate_key {key};
                     root {root};
