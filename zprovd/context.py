@@ -22,7 +22,9 @@ the users' vars (in line order), the device's vars.  ``language`` is
 
 ``request`` holds ``protocol`` (http, https, tftp), ``host``, ``client`` and
 ``user_agent``.  The bundled templates never use it, so that the same file
-is byte-identical over HTTP, HTTPS and TFTP and in ``zprovd render``.
+is byte-identical over HTTP, HTTPS and TFTP and in ``zprovd render``, and
+one rendered copy serves them all.  A template that mentions ``request``
+(or includes or imports one that does) is kept per request fields instead.
 """
 
 from __future__ import annotations

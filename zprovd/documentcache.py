@@ -11,9 +11,12 @@ entry is valid while
   operator override (``Renderer.is_current``).
 
 The key carries everything else the document depends on: the file name or
-Zoiper version, and the request fields templates may read (protocol, host,
-client, user agent).  The configuration and the catalogue are not in the
-key: a reload builds a new Provisioner, and with it a new cache.
+Zoiper version, and, only when one of its templates names ``request``
+(``Renderer.reads_request``), the request fields templates may read
+(protocol, host, client, user agent).  The bundled templates never do, so
+one copy serves HTTP, HTTPS and TFTP and every phone of a model its generic
+file.  The configuration and the catalogue are not in the key: a reload
+builds a new Provisioner, and with it a new cache.
 
 Pure bookkeeping: no I/O apart from the template checks, no clock.
 """
@@ -52,9 +55,13 @@ class DocumentCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable, generation: Hashable | None) -> Document | None:
-        """The document, if it is still what a render would give now."""
+    def get(self, key: Hashable, generation: Hashable | None, request_key: Hashable = None) -> Document | None:
+        """The document, if it is still what a render would give now: the one
+        kept for ``key``, else the one kept for this ``request_key`` (see ``put``)."""
         entry = self._entries.get(key)
+        if entry is None:
+            key = (key, request_key)
+            entry = self._entries.get(key)
         if entry is None or generation is None:
             self.misses += 1
             return None
@@ -66,9 +73,13 @@ class DocumentCache:
         self.hits += 1
         return entry
 
-    def put(self, key: Hashable, document: Document) -> None:
+    def put(self, key: Hashable, document: Document, request_key: Hashable = None) -> None:
+        """Keep a document; with a ``request_key`` (its templates read the
+        request) it serves only requests with that key."""
         if document.generation is None or len(document.response.body) > self.max_bytes:
             return
+        if request_key is not None:
+            key = (key, request_key)
         self._drop(key)
         self._entries[key] = document
         self.size += len(document.response.body)

@@ -223,15 +223,20 @@ class Provisioner:
 
     def _generic(self, route: GenericRoute, request: Request) -> Response:
         who = route.model.id
-        key = (route.name, who, *_info_key(request))
-        document = self.documents.get(key, _NO_RECORDS)
+        key = (route.name, who)
+        document = self.documents.get(key, _NO_RECORDS, _info_key(request))
         if document is not None:
             return document.response
         ctx = generic_context(self.config.provisioning, route.model, route.name, _info(request))
         response, templates = self._render(route.file.template, ctx, who=who, reason=f"generic {who}")
         if response.status == 200:
-            self.documents.put(key, Document(_NO_RECORDS, templates, None, response))
+            self._keep(key, request, Document(_NO_RECORDS, templates, None, response))
         return response
+
+    def _keep(self, key: Any, request: Request, document: Document) -> None:
+        """Cache a document: for every request, unless its templates read the request."""
+        reads = self.renderer.reads_request(document.templates)
+        self.documents.put(key, document, _info_key(request) if reads else None)
 
     def _timed_render(self, kind: str, template: str, ctx: dict[str, Any]) -> tuple[bytes, Dependencies]:
         started = time.perf_counter()
@@ -256,9 +261,9 @@ class Provisioner:
             refusal = policy.url_key_refusal(route.prefix, None)
             if refusal is not None:
                 return self._refuse(refusal, request, mac, "key:" + mac)
-        key = (route.name, mac, *_info_key(request))
+        key = (route.name, mac)
         generation = self._generation()
-        document = self.documents.get(key, generation)
+        document = self.documents.get(key, generation, _info_key(request))
         if document is None:
             return self._per_mac_lookup(route, request, _info(request), key, generation)
         device = document.record
@@ -344,7 +349,7 @@ class Provisioner:
         response, templates = self._render(pm.template, ctx, who=mac, reason=f"per-MAC {model.id}")
         if response.status != 200:
             return response
-        self.documents.put(key, Document(generation, templates, device, response))
+        self._keep(key, request, Document(generation, templates, device, response))
         return self._deliver(route, request, mac, response)
 
     @inlineCallbacks
@@ -390,9 +395,9 @@ class Provisioner:
             response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
             response.headers.append(("Retry-After", str(int(blocked) + 1)))
             return response
-        key = ("zoiper", login, route.version, *_info_key(request))
+        key = ("zoiper", login, route.version)
         generation = self._generation()
-        document = self.documents.get(key, generation)
+        document = self.documents.get(key, generation, _info_key(request))
         if document is not None and passwords.known_good(document.record.password_hash, route.password):
             # a reprovisioning Zoiper whose password verified before
             self.limiter.success("login:" + login)
@@ -427,7 +432,7 @@ class Provisioner:
         self.limiter.success("login:" + login)
         response, templates = self._render_zoiper(user, route.version, info)
         if response.status == 200:
-            self.documents.put(key, Document(generation, templates, user, response))
+            self._keep(key, request, Document(generation, templates, user, response))
         return response
 
     def render_zoiper(self, user: User, version: str | None, info: RequestInfo) -> Response:

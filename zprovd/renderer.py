@@ -12,7 +12,8 @@ Compiled templates are cached and re-read when their file changes, when an
 override appears in an operator folder, or when an override is removed.
 ``render_tracked`` also returns the templates a render loaded (the one named
 and those it included or imported), so that a cache of rendered documents
-can tell with ``is_current`` when one of them changed.
+can tell with ``is_current`` when one of them changed, and with
+``reads_request`` whether the bytes may differ from one request to another.
 """
 
 from __future__ import annotations
@@ -111,9 +112,23 @@ class _OverridableLoader(jinja2.FileSystemLoader):
 
 class _TrackingEnvironment(SandboxedEnvironment):
     """Records every template loaded while ``loaded`` is a list (includes and
-    imports too: they all go through ``_load_template``)."""
+    imports too: they all go through ``_load_template``), and, for each
+    template file as last compiled, whether its source names ``request``."""
 
     loaded: list[jinja2.Template] | None = None
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.names_request: dict[tuple[str | None, str | None], bool] = {}
+
+    def _parse(self, source, name, filename):
+        # Every compile parses here, so the flag always describes the source
+        # of the template object Jinja caches under (name, filename).  Any
+        # mention counts, read or not, in any branch or macro: a render can
+        # only depend on the request through this name.
+        tree = super()._parse(source, name, filename)
+        self.names_request[(name, filename)] = any(node.name == "request" for node in tree.find_all(jinja2.nodes.Name))
+        return tree
 
     def _load_template(self, name, globals):
         template = super()._load_template(name, globals)
@@ -226,6 +241,13 @@ class Renderer:
                 return False
             checked[template] = now
         return True
+
+    def reads_request(self, dependencies: Dependencies) -> bool:
+        """Whether any of these templates (from ``render_tracked``) names
+        ``request``: if none does, the render gave the same bytes whatever the
+        protocol, host, client or user agent, and one copy serves them all."""
+        names_request = self.env.names_request
+        return any(names_request.get((getattr(t, "name", None), getattr(t, "filename", None)), True) for t in dependencies)
 
     def is_xml(self, template: str) -> bool:
         """Whether the template renders an XML format (and so is autoescaped)."""

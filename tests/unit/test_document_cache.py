@@ -184,6 +184,54 @@ def test_an_included_template_edited_is_served_next(tmp_path):
     assert world.get(f"/{MAC}.cfg").body == b"part two\n"
 
 
+def test_one_copy_serves_every_protocol_and_client_when_no_template_reads_the_request(world):
+    for protocol, client in [("http", "192.0.2.10"), ("tftp", "192.0.2.11"), ("https", "192.0.2.12")] * 2:
+        generic = result_of(world.provisioner.answer(Request(protocol=protocol, path="/y000000000035.cfg", client=client,
+                                                             user_agent=f"Yealink SIP-T48G {client}")))
+        assert generic.status == 200
+        per_mac = result_of(world.provisioner.answer(Request(protocol=protocol, path=f"/{MAC}.cfg", client=client)))
+        assert per_mac.status == 200
+        world.settle()
+    # One render each; the per-MAC file twice: the backend's generation is unknown on the first look.
+    assert world.renders.count("yealink/common.cfg.j2") == 1
+    assert world.renders.count("yealink/mac.cfg.j2") == 2
+    assert len(world.provisioner.documents) == 2
+
+
+def test_a_template_that_reads_the_request_gets_a_copy_per_request(tmp_path):
+    world = World(tmp_path)
+    # The mention is in an included file and in a branch: still a copy per request.
+    (world.ops / "yealink" / "mac.cfg.j2").write_text('line {{ lines[0].sip_user }}{% include "yealink/_who.j2" %}\n')
+    (world.ops / "yealink" / "_who.j2").write_text("{% if vars.get('show_client', true) %} for {{ request.client }}{% endif %}")
+    for _ in range(2):
+        for client in ("192.0.2.10", "192.0.2.20"):
+            assert world.get(f"/{MAC}.cfg", client=client).body == f"line 1001 for {client}\n".encode()
+            world.settle()
+    renders = len(world.renders)
+    assert world.get(f"/{MAC}.cfg", client="192.0.2.20").body == b"line 1001 for 192.0.2.20\n"
+    assert len(world.renders) == renders  # each client's copy is kept
+
+
+def test_a_template_edited_to_read_the_request_is_served_per_request_next(tmp_path):
+    world = World(tmp_path)
+    world.renderer.recheck_after = 0
+    override = world.ops / "yealink" / "common.cfg.j2"
+    override.write_text("generic\n")
+    for client in ("192.0.2.10", "192.0.2.20"):
+        assert world.get("/y000000000035.cfg", client=client).body == b"generic\n"
+    assert world.renders.count("yealink/common.cfg.j2") == 1
+    override.write_text("generic for {{ request.client }}\n")
+    stamp = time.time() + 5
+    os.utime(override, (stamp, stamp))
+    for client in ("192.0.2.10", "192.0.2.20", "192.0.2.10"):
+        assert world.get("/y000000000035.cfg", client=client).body == f"generic for {client}\n".encode()
+    override.write_text("generic again\n")
+    os.utime(override, (stamp + 5, stamp + 5))
+    for client in ("192.0.2.10", "192.0.2.20"):
+        assert world.get("/y000000000035.cfg", client=client).body == b"generic again\n"
+    assert world.renders.count("yealink/common.cfg.j2") == 1 + 2 + 1
+
+
 def test_a_hit_still_applies_access_checks(tmp_path):
     world = World(tmp_path, '[access.per_mac]\nallow = ["192.0.2.0/24"]\n')
     for _ in range(3):

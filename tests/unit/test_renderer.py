@@ -64,6 +64,30 @@ def test_fail_stops_a_render_with_its_message(tmp_path):
         Renderer([tmp_path]).render("t/a.cfg.j2", {})
 
 
+@pytest.mark.parametrize("template, reads", [
+    ("t/plain.j2", False),
+    ("t/includes_plain.j2", False),
+    ("t/direct.j2", True),
+    ("t/in_a_branch_not_taken.j2", True),
+    ("t/includes_reader.j2", True),
+    ("t/imports_a_macro_reading_it.j2", True),
+    ("t/sets_a_local_of_that_name.j2", True),  # any mention counts: the check is by name, not by meaning
+])
+def test_reads_request_names_templates_whose_bytes_may_depend_on_the_request(tmp_path, template, reads):
+    write(tmp_path, "t/plain.j2", "{{ vars.a }}")
+    write(tmp_path, "t/includes_plain.j2", '{% include "t/plain.j2" %}')
+    write(tmp_path, "t/direct.j2", "{{ request.user_agent }}")
+    write(tmp_path, "t/in_a_branch_not_taken.j2", "{% if vars.a == 2 %}{{ request['client'] }}{% endif %}")
+    write(tmp_path, "t/includes_reader.j2", '{% include "t/direct.j2" %}')
+    write(tmp_path, "t/macros.j2", "{% macro who() %}{{ request.client }}{% endmacro %}{% macro other() %}x{% endmacro %}")
+    write(tmp_path, "t/imports_a_macro_reading_it.j2", '{% from "t/macros.j2" import other %}{{ other() }}')
+    write(tmp_path, "t/sets_a_local_of_that_name.j2", "{% set request = 1 %}{{ request }}")
+    renderer = Renderer([tmp_path])
+    _, dependencies = renderer.render_tracked(template, {"vars": {"a": 1}, "request": RequestInfo().context()})
+    assert renderer.reads_request(dependencies) is reads
+    assert renderer.reads_request(()) is False
+
+
 def test_keep_last_good_serves_the_previous_version_of_a_broken_template(tmp_path):
     write(tmp_path, "t/a.cfg.j2", "version A")
     renderer = Renderer([tmp_path], keep_last_good=True)
