@@ -1,16 +1,22 @@
-"""The ceiling of any Twisted TFTP server here: lockstep reads with no session logic.
+"""The ceilings of a TFTP server in Python here: lockstep reads with no session logic.
 
-Started by the bench inside its namespace: ``python bench/bare_tftp.py ROOT PORT``.
+Started by the bench inside its namespace: ``python bench/bare_tftp.py ROOT
+PORT`` (on Twisted's reactor, as zprovd) or ``python bench/bare_tftp.py ROOT
+PORT --epoll`` (no framework: a ``select.epoll`` loop, the least Python can
+do per datagram).
 Answers a read request (with the ``blksize`` option, else 512) from a fresh
 port connected to the client, like zprovd: one block per ACK, the file read a
 block at a time, no retransmission, no timers, no checks, no log.  It is
 what the same reactor costs per datagram, so zprovd's lockstep ratio to
 tftpd-hpa can be read against what any server built on Twisted gets on
-this machine.  Not a server to use: it trusts every name it is given.
+this machine, and the epoll loop what Python itself costs.  Not a server
+to use: it trusts every name it is given.
 """
 
 from __future__ import annotations
 
+import select
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -60,21 +66,81 @@ class Listener(DatagramProtocol):
         self.root = root
 
     def datagramReceived(self, data, addr):
-        if data[:2] != b"\x00\x01":
+        request = parse_request(data)
+        if request is None:
             return
-        fields = data[2:].split(b"\x00")
-        name = fields[0].decode()
-        options = {fields[i].lower(): fields[i + 1] for i in range(2, len(fields) - 1, 2)}
-        blksize, oack = 512, None
-        if b"blksize" in options:
-            blksize = int(options[b"blksize"])
-            oack = b"\x00\x06blksize\x00" + options[b"blksize"] + b"\x00"
+        name, blksize, oack = request
         file = open(self.root / name, "rb")  # noqa: SIM115 - closed by the transfer
         reactor.listenUDP(0, Transfer(file, blksize, addr, oack), interface="127.0.0.1")
 
 
+def parse_request(data: bytes) -> tuple[str, int, bytes | None] | None:
+    """(name, blksize, OACK or None) of a read request; None for anything else."""
+    if data[:2] != b"\x00\x01":
+        return None
+    fields = data[2:].split(b"\x00")
+    options = {fields[i].lower(): fields[i + 1] for i in range(2, len(fields) - 1, 2)}
+    if b"blksize" in options:
+        return fields[0].decode(), int(options[b"blksize"]), b"\x00\x06blksize\x00" + options[b"blksize"] + b"\x00"
+    return fields[0].decode(), 512, None
+
+
+def epoll_loop(root: Path, port: int) -> None:
+    """The same server without a framework: one epoll, one connected socket per transfer."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", port))
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    transfers: dict[int, list] = {}  # fd -> [socket, file, blksize, block, last block sent]
+
+    def send_next(t: list) -> None:
+        t[3] += 1
+        chunk = t[1].read(t[2])
+        t[4] = len(chunk) < t[2]
+        t[0].send(struct.pack("!HH", 3, t[3] & 0xFFFF) + chunk)
+
+    print(f"bare tftp (epoll): serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == listener.fileno():
+                data, addr = listener.recvfrom(2048)
+                request = parse_request(data)
+                if request is None:
+                    continue
+                name, blksize, oack = request
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind(("127.0.0.1", 0))
+                sock.connect(addr)
+                sock.setblocking(False)
+                t = [sock, open(root / name, "rb"), blksize, 0, False]  # noqa: SIM115 - closed at the end
+                transfers[sock.fileno()] = t
+                poller.register(sock.fileno(), select.EPOLLIN)
+                if oack is not None:
+                    sock.send(oack)  # block 0: the client ACKs it
+                else:
+                    send_next(t)
+                continue
+            t = transfers[fd]
+            try:
+                ack = t[0].recv(2048)
+            except OSError:  # ICMP port unreachable: the client has gone
+                ack = None
+            if ack is not None and not (ack[:2] == b"\x00\x04" and ack[2:4] == struct.pack("!H", t[3] & 0xFFFF)):
+                continue
+            if ack is None or t[4]:
+                poller.unregister(fd)
+                del transfers[fd]
+                t[0].close()
+                t[1].close()
+            else:
+                send_next(t)
+
+
 def main() -> None:
     root, port = Path(sys.argv[1]), int(sys.argv[2])
+    if "--epoll" in sys.argv:
+        epoll_loop(root, port)
+        return
     reactor.listenUDP(port, Listener(root), interface="127.0.0.1")
     print(f"bare tftp: serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     reactor.run()

@@ -1,7 +1,9 @@
 """TFTP: zprovd against tftpd-hpa, atftpd and dnsmasq, then many concurrent transfers.
 
-``bare_tftp.py`` (a Twisted server with no session logic) runs the lockstep
-cases too: the ceiling of any TFTP server on the same reactor.
+``bare_tftp.py`` (a server with no session logic) runs the lockstep cases
+too, twice: on Twisted's reactor (``bare-twisted``: the ceiling of any TFTP
+server on zprovd's reactor) and as a plain epoll loop (``bare-epoll``: the
+ceiling of Python itself).
 
 dnsmasq's TFTP server always listens on port 69, so every server runs in one
 network namespace of the bench (loopback only, nothing else in it), each on
@@ -26,7 +28,8 @@ from profiling import Profile
 from tools import tool
 
 MiB = 1 << 20
-PORTS = {"tftpd-hpa": 6901, "atftpd": 6902, "bare-twisted": 6903, "dnsmasq": 69}
+PORTS = {"tftpd-hpa": 6901, "atftpd": 6902, "bare-twisted": 6903, "bare-epoll": 6904, "dnsmasq": 69}
+SERVERS = ("zprovd", "tftpd-hpa", "atftpd", "dnsmasq", "bare-twisted", "bare-epoll")
 
 
 def start_servers(ns: str, root: Path, work: Path) -> tuple[dict[str, int], dict[str, object]]:
@@ -42,6 +45,9 @@ def start_servers(ns: str, root: Path, work: Path) -> tuple[dict[str, int], dict
     procs["bare-twisted"] = Proc("bare-twisted", ns_exec(ns, [PYTHON, str(BENCH / "bare_tftp.py"), str(root),
                                                              str(PORTS["bare-twisted"])]),
                                  log_path=work / "bare-tftp.log")
+    procs["bare-epoll"] = Proc("bare-epoll", ns_exec(ns, [PYTHON, str(BENCH / "bare_tftp.py"), str(root),
+                                                         str(PORTS["bare-epoll"]), "--epoll"]),
+                               log_path=work / "bare-epoll.log")
     procs["dnsmasq"] = Proc("dnsmasq", ns_exec(ns, ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
                                                      "--port=0", "--enable-tftp", f"--tftp-root={root}",
                                                      "--listen-address=127.0.0.1", "--bind-interfaces",
@@ -99,10 +105,10 @@ def run_tftp(quick: bool, profile: bool) -> dict:
     out = work / "out.bin"
     reps = {"fw1m.bin": 3 if quick else 7, "fw16m.bin": 1 if quick else 3}
     try:
-        for server in ("zprovd", "tftpd-hpa", "atftpd", "dnsmasq", "bare-twisted"):
+        for server in SERVERS:
             times = [atftp(ns, ports[server], "tiny.bin", out, None, None)[0] for _ in range(5)]
             res["overhead_ms"][server] = round(1000 * statistics.median(times), 1)
-        cases = [(s, b, None) for s in ("zprovd", "tftpd-hpa", "atftpd", "dnsmasq", "bare-twisted") for b in (512, 1468)]
+        cases = [(s, b, None) for s in SERVERS for b in (512, 1468)]
         cases += [("zprovd", 1468, w) for w in (8, 16, 32)] + [("atftpd", 1468, 16)]
         # Lockstep TFTP is a ping-pong: on an idle VM its speed is mostly the time CPUs take to wake
         # up, and it moves with whatever else runs.  Every case is therefore measured twice: with free
