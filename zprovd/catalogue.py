@@ -108,13 +108,14 @@ class Catalogue:
         self._generic: dict[str, list[tuple[Model, GenericFile]]] = {}
         # Many models share a pattern ("{mac}.cfg"): one regex per distinct
         # pattern, so routing a name costs a match per pattern, not per model.
-        self._per_mac: dict[str, tuple[re.Pattern, list[tuple[Model, PerMacFile]]]] = {}
+        per_mac: dict[str, tuple[re.Pattern, list[tuple[Model, PerMacFile]]]] = {}
         for model in self.models.values():
             for g in model.generic:
                 self._generic.setdefault(g.name.lower(), []).append((model, g))
             for p in model.per_mac:
-                entry = self._per_mac.setdefault(p.pattern.lower(), (p.regex, []))
+                entry = per_mac.setdefault(p.pattern.lower(), (p.regex, []))
                 entry[1].append((model, p))
+        self._per_mac = [(regex, tuple(pairs)) for regex, pairs in per_mac.values()]
 
     def get(self, model_id: str) -> Model | None:
         return self.models.get(model_id.lower())
@@ -122,14 +123,17 @@ class Catalogue:
     def generic_candidates(self, name: str) -> list[tuple[Model, GenericFile]]:
         return self._generic.get(name.lower(), [])
 
-    def per_mac_candidates(self, name: str) -> list[tuple[Model, PerMacFile, str]]:
-        """(model, file, canonical MAC) for every per-MAC pattern the name fits."""
+    def per_mac_files(self, name: str) -> list[tuple[str, tuple[tuple[Model, PerMacFile], ...]]]:
+        """For every per-MAC pattern the name fits: the canonical MAC it
+        carries, and the (model, file) pairs of that pattern.  The pairs are
+        the catalogue's own, shared by every route to the pattern: with
+        10,000 phones' routes memoised, that is 10,000 fewer tuples of 40
+        pairs for the cycle collector to walk."""
         found = []
-        for regex, users in self._per_mac.values():
+        for regex, pairs in self._per_mac:
             m = regex.fullmatch(name)
             if m is not None:
-                mac = normalize_mac(m.group("mac"))
-                found.extend((model, pm, mac) for model, pm in users)
+                found.append((normalize_mac(m.group("mac")), pairs))
         return found
 
     def match_user_agent(self, user_agent: str, among: Iterable[Model] | None = None) -> Model | None:
@@ -142,7 +146,7 @@ class Catalogue:
 
     def guess_model(self, name: str, user_agent: str, mac: str | None) -> str:
         """Best guess of a model id for an unknown phone (for ``device seen``)."""
-        candidates = [m for m, _, _ in self.per_mac_candidates(name)]
+        candidates = [m for _, pairs in self.per_mac_files(name) for m, _ in pairs]
         by_ua = self.match_user_agent(user_agent, candidates or None) or self.match_user_agent(user_agent)
         if by_ua is not None:
             return by_ua.id

@@ -19,7 +19,7 @@ import itertools
 import os
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,7 +64,7 @@ class Response:
     content_type: str = TEXT
     file: Path | None = None
     """Firmware: stream this file instead of ``body``."""
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: tuple[tuple[str, str], ...] = ()
     who: str = "-"
     """For the audit log: the MAC or login the request was about."""
     reason: str = ""
@@ -213,7 +213,7 @@ class Provisioner:
         if refusal.miss:
             self._miss(request.client, key or f"refusal:{next(self._unique)}")
         text = {401: "Unauthorized", 403: "Forbidden", 404: "Not found"}.get(refusal.status, "Refused")
-        return _text(refusal.status, text, who=who, reason=refusal.reason, headers=list(refusal.headers))
+        return _text(refusal.status, text, who=who, reason=refusal.reason, headers=tuple(refusal.headers))
 
     def _unexpected(self, failure, request: Request) -> Response:
         log.failure("unexpected error answering {protocol} request", failure, protocol=request.protocol)
@@ -385,7 +385,7 @@ class Provisioner:
         if route.login is None or route.password is None or not route.login:
             response = self.zoiper_error(z.error_status if route.via == "query" else 401, z.error_text, "-", "missing credentials")
             if route.via != "query":
-                response.headers.append(("WWW-Authenticate", 'Basic realm="zprovd"'))
+                response.headers += (("WWW-Authenticate", 'Basic realm="zprovd"'),)
             return response
         login = route.login
         now = self.clock()
@@ -393,7 +393,7 @@ class Provisioner:
         if blocked > 0:
             log.warn("refused login {login} from {client}: too many failures", login=login, client=request.client)
             response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
-            response.headers.append(("Retry-After", str(int(blocked) + 1)))
+            response.headers += (("Retry-After", str(int(blocked) + 1)),)
             return response
         key = ("zoiper", login, route.version)
         generation = self._generation()

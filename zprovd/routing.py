@@ -194,14 +194,13 @@ class Router:
             if generic:
                 model, gf = self._pick_generic(generic, request.user_agent)
                 return GenericRoute(name, model, gf)
-            per_mac = self.catalogue.per_mac_candidates(name)
+            per_mac = self.catalogue.per_mac_files(name)
             if per_mac:
-                # The MAC is the same for every candidate: the name decides it.
-                macs = {mac for _, _, mac in per_mac}
+                # The MAC is the same for every pattern: the name decides it.
+                macs = {mac for mac, _ in per_mac}
                 if len(macs) == 1:
-                    return PerMacRoute(
-                        name, macs.pop(), tuple((m, pm) for m, pm, _ in per_mac), tuple(segments[:start])
-                    )
+                    pairs = per_mac[0][1] if len(per_mac) == 1 else tuple(p for _, ps in per_mac for p in ps)
+                    return PerMacRoute(name, macs.pop(), pairs, tuple(segments[:start]))
         if self.firmware is not None:
             if request.protocol != "tftp" and len(segments) > 1 and segments[0].lower() == "firmware":
                 found = self.firmware("/".join(segments[1:]))

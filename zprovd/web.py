@@ -132,7 +132,7 @@ _NO_CERTIFICATE = object()
 _CONTENT_TYPES: dict[str, bytes] = {}
 _NO_STORE = (b"Cache-Control", b"no-store")
 _INTERNAL_ERROR = Response(500, b"internal error\n", reason="internal error")
-_METHOD_NOT_ALLOWED = Response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")], reason="method not allowed")
+_METHOD_NOT_ALLOWED = Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),), reason="method not allowed")
 
 
 class HTTPProtocol(Protocol):

@@ -59,6 +59,15 @@ def test_per_mac_under_any_prefix_and_spelling(router, prefix, spelling):
     assert {m.id for m, _ in route.candidates} == {"acme-a1", "acme-a2"}
 
 
+def test_routes_of_different_phones_share_the_catalogue_pairs(router):
+    # Routes are memoised per path: for 10,000 phones, a tuple of (model,
+    # file) pairs each would be 10,000 more containers for the cycle
+    # collector to walk on every full pass (a pause for every request).
+    first, second = (router.route(http(f"/{mac}.cfg")) for mac in ("001565000001", "001565000002"))
+    assert first.mac != second.mac
+    assert first.candidates is second.candidates
+
+
 def test_generic_name_wins_over_a_mac_looking_name(router):
     route = router.route(http("/provision/000000000000.cfg"))
     assert isinstance(route, GenericRoute)
