@@ -253,6 +253,24 @@ def test_a_hit_still_asks_for_credentials(tmp_path):
     assert world.get(f"/{MAC}.cfg", authorization=bad).status == 401
 
 
+def test_a_copy_cached_over_tftp_is_served_over_http_only_with_credentials(tmp_path):
+    # One copy serves every protocol now: the checks of each protocol still apply on a hit.
+    world = World(tmp_path, '[access.per_mac]\nauth = "basic"\nhttp_user = "phone"\nhttp_password = "hunter2"\n'
+                            'tftp_allow = ["192.0.2.0/24"]\n')
+    import base64
+
+    for _ in range(3):
+        over_tftp = result_of(world.provisioner.answer(Request(protocol="tftp", path=f"{MAC}.cfg", client="192.0.2.10")))
+        assert over_tftp.status == 200
+        world.settle()
+    renders = len(world.renders)
+    assert world.get(f"/{MAC}.cfg").status == 401
+    good = "Basic " + base64.b64encode(b"phone:hunter2").decode()
+    over_http = world.get(f"/{MAC}.cfg", authorization=good)
+    assert over_http.status == 200 and over_http.body == over_tftp.body
+    assert len(world.renders) == renders
+
+
 def zoiper(world: World, password: str, version: str = "1.14") -> Response:
     return world.get("/zoiper", query={"user": ["alice"], "password": [password], "version": [version]})
 
