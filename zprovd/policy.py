@@ -139,6 +139,8 @@ class Policy:
         self._verdicts: dict[tuple[str, str, str], Refusal | None] = {}
         self.per_mac_open = not p.url_key and p.auth == "none" and not p.client_certificate
         """No install-wide URL key, credentials or certificates for per-MAC files."""
+        self.install_url_key = frozenset((p.url_key,)) if p.url_key else frozenset()
+        """The path segment every per-MAC path must hold (none, or one key)."""
 
     def device_is_open(self, device: Device) -> bool:
         """Whether this device's per-MAC files need no URL key, credentials or
@@ -165,8 +167,13 @@ class Policy:
         self._verdicts[key] = verdict
         return verdict
 
+    def device_url_key(self, device: Device) -> frozenset[str]:
+        """The device's own URL key, if it has one (see ``install_url_key``)."""
+        key = device.vars.get(DEVICE_URL_KEY)
+        return frozenset((key,)) if key else frozenset()
+
     def url_key_refusal(self, prefix: tuple[str, ...], device: Device | None) -> Refusal | None:
-        keys = [k for k in (self.access.per_mac.url_key, device.vars.get(DEVICE_URL_KEY) if device else "") if k]
+        keys = self.install_url_key | self.device_url_key(device) if device else self.install_url_key
         if any(k not in prefix for k in keys):
             return Refusal(404, "missing URL key", miss=True)
         return None

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote, unquote
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
@@ -69,6 +71,28 @@ class Response:
     """For the audit log: the MAC or login the request was about."""
     reason: str = ""
     """For the audit log: why it was refused, or what was served."""
+
+
+def hide_segments(path: str, hidden: set[str] | frozenset[str], percent_encoded: bool) -> str:
+    """The requested path as the access line shows it: every segment that is
+    one of ``hidden`` (URL keys) written ``***``.
+
+    Segments are found as the router finds them (``routing.split_path``):
+    after percent-decoding, split on ``/`` and ``\\``; an HTTP query is
+    kept as it is (``web.redact_uri`` hides its secret values).
+    """
+    base, sep, query = path.partition("?") if percent_encoded else (path, "", "")
+    decoded = unquote(base, errors="replace") if percent_encoded else base
+    parts = _SEPARATORS.split(decoded)
+    if hidden.isdisjoint(parts):
+        return path
+    shown = "".join("***" if part in hidden else part for part in parts)
+    if percent_encoded:
+        shown = quote(shown, safe="/\\@.:-_+*~!$&'(),;=")
+    return shown + sep + query
+
+
+_SEPARATORS = re.compile(r"([/\\])")
 
 
 def _text(status: int, message: str, **kw: Any) -> Response:
@@ -157,6 +181,10 @@ class Provisioner:
         self._recorded: dict[str, tuple[float, str, str]] = {}
         self.secret_params = frozenset(p.lower() for p in config.zoiper.password_params)
         """Query parameters whose values the access log hides (besides the secret-looking ones)."""
+        self.secret_segments: set[str] = set(self.policy.install_url_key)
+        """Path segments the access log hides (``hide_segments``): the install's
+        URL key, and each device's own key from its first per-MAC look-up on
+        (a phone may fetch its generic files under its key too)."""
         self._generation: Callable[[], Any] = getattr(backend, "generation", None) or (lambda: None)
 
     # ------------------------------------------------------------------
@@ -323,6 +351,7 @@ class Provisioner:
             if refusal is not None and not refusal.miss:
                 return self._refuse(refusal, request, mac, "")
             return _text(404, "Not found", who=mac, reason="unknown MAC")
+        self.secret_segments.update(policy.device_url_key(device))
         refused = self._device_refusal(route, request, device, now)
         if refused is not None:
             return refused

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 
 from zprovd import logs
 from zprovd.metrics import Metrics
-from zprovd.provisioning import Provisioner, Response
+from zprovd.provisioning import Provisioner, Response, hide_segments
 from zprovd.routing import Request
 from zprovd.tftp.source import AccessDenied, BytesReader, FileReader
 
@@ -26,13 +26,15 @@ class ProvisioningSource:
 
     def __call__(self, name: str, client: tuple[str, int]) -> Deferred:
         request = Request(protocol="tftp", path=name, client=client[0])
-        d = self.provisioner().handle(request)
-        d.addCallback(self._reader, name, client[0])
+        provisioner = self.provisioner()
+        d = provisioner.handle(request)
+        d.addCallback(self._reader, name, client[0], provisioner.secret_segments)
         return d
 
-    def _reader(self, response: Response, name: str, client: str):
+    def _reader(self, response: Response, name: str, client: str, hidden: set[str]):
+        shown = hide_segments(name, hidden, percent_encoded=False) if hidden else name
         logs.access(
-            f'tftp {client} "RRQ {quote(name, safe="/@.:-_+")}" {response.status} - - '
+            f'tftp {client} "RRQ {quote(shown, safe="/@.:-_+*")}" {response.status} - - '
             f'who={quote(response.who, safe="@.:-_+")} "{response.reason or "-"}"'
         )
         if self.metrics is not None:

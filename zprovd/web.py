@@ -27,7 +27,7 @@ from zprovd import httpcore, logs
 from zprovd.httpcore import Refusal, RequestHead, ServerConnection
 from zprovd.metrics import Metrics
 from zprovd.policy import client_address, macs_in_certificate_names
-from zprovd.provisioning import Provisioner, Response
+from zprovd.provisioning import Provisioner, Response, hide_segments
 from zprovd.routing import Request
 
 log = Logger(namespace="zprovd.http")
@@ -372,6 +372,8 @@ class HTTPProtocol(Protocol):
         if self.factory.metrics is not None:
             self.factory.metrics.answered(protocol, status, sent)
         uri = _decode(head.target)
+        if provisioner.secret_segments:
+            uri = hide_segments(uri, provisioner.secret_segments, percent_encoded=True)
         if head.query is not None:
             uri = redact_uri(uri, provisioner.secret_params)
         who = response.who if response else "-"

@@ -92,10 +92,23 @@ def test_url_key_per_install_and_per_device(tmp_path, daemons):
     assert tftp_get(d.ports["tftp"], f"k3y-for-site/{MAC}.cfg", tmp_path / "t") is not None
     assert tftp_get(d.ports["tftp"], f"{MAC}.cfg", tmp_path / "t") is None
     # a device with its own key needs both
-    r = run_cli(d.config, "device", "add", "001565000002", "--model", "yealink-t48g", "--user", "u", "--url-key", "dev2")
+    r = run_cli(d.config, "device", "add", "001565000002", "--model", "yealink-t48g", "--user", "u", "--url-key", "dev2-key")
     assert r.returncode == 0, r.stderr
-    assert curl_status(d.url("http", "/k3y-for-site/dev2/001565000002.cfg"))[0] == 200
+    assert curl_status(d.url("http", "/k3y-for-site/dev2-key/001565000002.cfg"))[0] == 200
     assert curl_status(d.url("http", "/k3y-for-site/001565000002.cfg"))[0] == 404
+    assert curl_status(d.url("http", "/%6B3y-for-site/dev2-key/001565000002.cfg?x=1"))[0] == 200
+    assert curl_status(d.url("http", "/k3y-for-site/y000000000035.cfg"))[0] == 200  # generic: no key needed
+    assert curl_status(d.url("http", "/k3y-for-site/dev2-key/y000000000035.cfg"))[0] == 200  # the phone's own URL
+    # The keys are credentials: the access lines show them as *** (a device's
+    # key from its first per-MAC request on).
+    d.wait_for_log('"GET /provision/***/001565aabbcc.cfg" 200')
+    d.wait_for_log('"GET /***/***/001565000002.cfg" 200')
+    d.wait_for_log('"GET /***/***/001565000002.cfg?x=1" 200')
+    d.wait_for_log('"GET /***/y000000000035.cfg" 200')
+    d.wait_for_log('"GET /***/***/y000000000035.cfg" 200')
+    d.wait_for_log('"RRQ ***/001565aabbcc.cfg" 200')
+    d.wait_for_log('"GET /wrong-key/001565aabbcc.cfg" 404')
+    assert "k3y-for-site" not in d.log and "dev2-key" not in d.log
 
 
 @pytest.mark.parametrize("algorithms", [["SHA-256", "MD5"], ["MD5"]])

@@ -45,6 +45,7 @@ from zprovd.routing import (
     MAX_PATH, MAX_SEGMENT, BadRequest, FirmwareRoute, GenericRoute, NotFound, PerMacRoute, Request, Router,
     ZoiperRoute, basic_credentials, split_path,
 )
+from zprovd.provisioning import hide_segments
 from zprovd.web import redact_uri
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,6 +222,46 @@ def test_redact_uri_never_logs_a_secret_value(name, secret, others, position, va
 def test_redact_uri_never_raises(uri):
     logged = redact_uri(uri, SECRET_PARAMS)
     assert isinstance(logged, str) and logged.startswith(uri.partition("?")[0])
+
+
+URL_KEY = "k3y-Site_9"
+SEGMENTS = st.lists(st.sampled_from([URL_KEY, "provision", "SEP001122334455.cnf.xml", "k3y", "Site_9", "k3y-Site_9x", "."]),
+                    min_size=1, max_size=6)
+
+
+@settings(max_examples=300)
+@given(SEGMENTS, st.lists(st.sampled_from(["/", "\\", "//", "/./", "%2F", "%5c"]), min_size=6, max_size=6),
+       st.lists(st.booleans(), max_size=40), st.booleans(), st.sampled_from(["", "?a=1", "?k3y-Site_9=x"]))
+def test_hide_segments_never_logs_a_url_key_the_router_sees(segments, separators, mask, percent_encoded, query):
+    path = "/" + "".join(seg + sep for seg, sep in zip(segments, separators)).rstrip("/\\")
+    if percent_encoded:
+        path = _percent_encode_some(path, mask) + query
+    seen = split_path(path.partition("?")[0] if percent_encoded else path, percent_encoded)
+    assume(not isinstance(seen, BadRequest))
+    logged = hide_segments(path, frozenset({URL_KEY}), percent_encoded)
+    shown = split_path(logged.partition("?")[0] if percent_encoded else logged, percent_encoded)
+    assert not isinstance(shown, BadRequest)
+    # the same segments, the key replaced wherever the router would have found it
+    assert shown == ["***" if seg == URL_KEY else seg for seg in seen], (path, logged)
+    if URL_KEY not in seen:
+        assert logged == path  # nothing to hide: the line shows what was sent
+    if percent_encoded:
+        assert logged.endswith(query)
+
+
+def test_hide_segments_examples():
+    keys = frozenset({"k3y", "dev2"})
+    assert hide_segments("/provision/k3y/dev2/001565aabbcc.cfg", keys, True) == "/provision/***/***/001565aabbcc.cfg"
+    assert hide_segments("http://pbx/%6B3y/x.cfg?user=a", keys, True) == "http://pbx/***/x.cfg?user=a"
+    assert hide_segments("k3y\\001565aabbcc.cfg", keys, False) == "***\\001565aabbcc.cfg"
+    assert hide_segments("%6B3y/001565aabbcc.cfg", keys, False) == "%6B3y/001565aabbcc.cfg"  # TFTP: not a key
+    assert hide_segments("/k3yx/001565aabbcc.cfg", keys, True) == "/k3yx/001565aabbcc.cfg"
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=120), st.booleans())
+def test_hide_segments_never_raises(path, percent_encoded):
+    assert isinstance(hide_segments(path, frozenset({URL_KEY}), percent_encoded), str)
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Provisioner:
         self.file = None  # set: answer with this firmware file
         self.config = SimpleNamespace(access=SimpleNamespace(trusted_proxies=[]))
         self.secret_params = {"password"}
+        self.secret_segments: set[str] = set()
 
     def answer(self, request):
         self.requests.append(request)
