@@ -104,8 +104,6 @@ class InFlight:
         return d
 
 
-
-
 @implementer(IProtocolNegotiationFactory)
 class HTTPFactory(Factory):
     """Builds one ``HTTPProtocol`` per connection of an HTTP or HTTPS listener."""
