@@ -128,9 +128,11 @@ def cmd_run(s: Session, args) -> int:
     from twisted.internet import reactor
 
     from zprovd.daemon import Daemon, StartupError
+    from twisted.logger import LogLevel
+
     from zprovd.logs import buffer_lines, start_logging
 
-    start_logging(s.config.log.format)
+    start_logging(s.config.log.format, LogLevel.levelWithName(s.config.log.level))
     daemon = Daemon(s.config, reactor)
     status = [EXIT_OK]
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_CONFIG = Path("/etc/zprovd/zprovd.toml")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+"""``[log] level`` values (twisted.logger's names)."""
 
 
 class ConfigError(Exception):
@@ -98,6 +100,9 @@ class ZoiperConfig:
 @dataclass
 class LogConfig:
     format: str
+    level: str
+    """The lowest level written: "debug", "info" (with one access line per
+    request), "warn" or "error"."""
 
 
 @dataclass
@@ -515,7 +520,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     s.finish()
 
     s = section("log")
-    log = LogConfig(format=s.string("format", "text", ("text", "json")))
+    log = LogConfig(
+        format=s.string("format", "text", ("text", "json")),
+        level=s.string("level", "info", LOG_LEVELS),
+    )
     s.finish()
 
     s = section("server")

@@ -26,10 +26,10 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
 from twisted.python.threadpool import ThreadPool
 
-from zprovd import tls
+from zprovd import logs, tls
 from zprovd.backends import BackendContext, BackendError, create_backend
 from zprovd.catalogue import Catalogue, load_catalogue
 from zprovd.config import Config, ConfigError, Listen, load_config
@@ -221,9 +221,10 @@ class Daemon(MultiService):
         from zprovd.tftpsource import ProvisioningSource
 
         t = config.tftp
+        source = ProvisioningSource(self.current_provisioner, self.metrics)
         server = TFTPServer(
             [(l.host, l.port) for l in t.listen],
-            ProvisioningSource(self.current_provisioner, self.metrics),
+            source,
             reactor=self.reactor,
             max_blksize=t.max_blksize,
             max_windowsize=t.max_windowsize,
@@ -231,6 +232,7 @@ class Daemon(MultiService):
             upload_dir=t.upload_dir,
             upload_max_bytes=t.upload_max_bytes,
             shutdown_timeout=config.server.shutdown_timeout,
+            shown_name=source.shown_name,
         )
         try:
             server.privilegedStartService()
@@ -344,6 +346,8 @@ class Daemon(MultiService):
             provisioner.policy.scans = self.current_provisioner().policy.scans
         old_backend = self.backend
         self.config, self.backend, self.provisioner = config, backend, provisioner
+        if config.log != old.log:
+            logs.configure(config.log.format, LogLevel.levelWithName(config.log.level))
         if tls_options is not None:
             self.tls.options = tls_options
         if old_backend is not backend:

@@ -87,6 +87,7 @@ class LineWriter:
 
 
 _writer: LineWriter | None = None
+_predicate: LogLevelFilterPredicate | None = None
 _access_enabled = True
 _access_logger = Logger(namespace=ACCESS_NAMESPACE)
 
@@ -106,15 +107,25 @@ def _observer(writer: LineWriter):
 
 
 def start_logging(format: str = "text", level: LogLevel = LogLevel.info, stream: IO[str] | None = None) -> None:
-    global _writer, _access_enabled
+    global _writer, _predicate
     _writer = LineWriter(stream or sys.stderr, format)
+    _predicate = LogLevelFilterPredicate()
+    configure(format, level)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(_observer(_writer), [_predicate])], redirectStandardIO=False)
+
+
+def configure(format: str, level: LogLevel) -> None:
+    """Set the format and the lowest level written (at start, and on a reload)."""
+    global _access_enabled
     _access_enabled = level <= LogLevel.info
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    # Twisted's own chatter ("Site starting on 80", "Main loop terminated")
-    # says nothing an operator needs; its warnings and errors still show.
-    for namespace in ("log_legacy", "twisted"):
-        predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(_observer(_writer), [predicate])], redirectStandardIO=False)
+    if _writer is not None:
+        _writer.json = format == "json"
+    if _predicate is not None:
+        _predicate.setLogLevelForNamespace("", level)
+        # Twisted's own chatter ("Site starting on 80", "Main loop terminated")
+        # says nothing an operator needs; its warnings and errors still show.
+        for namespace in ("log_legacy", "twisted"):
+            _predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
 
 
 def buffer_lines(reactor: Any) -> task.LoopingCall | None:

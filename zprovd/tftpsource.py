@@ -26,15 +26,18 @@ class ProvisioningSource:
 
     def __call__(self, name: str, client: tuple[str, int]) -> Deferred:
         request = Request(protocol="tftp", path=name, client=client[0])
-        provisioner = self.provisioner()
-        d = provisioner.handle(request)
-        d.addCallback(self._reader, name, client[0], provisioner.secret_segments)
+        d = self.provisioner().handle(request)
+        d.addCallback(self._reader, name, client[0])
         return d
 
-    def _reader(self, response: Response, name: str, client: str, hidden: set[str]):
-        shown = hide_segments(name, hidden, percent_encoded=False) if hidden else name
+    def shown_name(self, name: str) -> str:
+        """The file name as log lines show it: URL keys hidden (``hide_segments``)."""
+        hidden = self.provisioner().secret_segments
+        return hide_segments(name, hidden, percent_encoded=False) if hidden else name
+
+    def _reader(self, response: Response, name: str, client: str):
         logs.access(
-            f'tftp {client} "RRQ {quote(shown, safe="/@.:-_+*")}" {response.status} - - '
+            f'tftp {client} "RRQ {quote(self.shown_name(name), safe="/@.:-_+*")}" {response.status} - - '
             f'who={quote(response.who, safe="@.:-_+")} "{response.reason or "-"}"'
         )
         if self.metrics is not None:

@@ -7,6 +7,7 @@ import datetime
 import http.client
 import os
 import random
+import signal
 import socket
 import subprocess
 import time
@@ -327,3 +328,30 @@ def test_memory_stays_bounded_under_a_flood_of_unknown_files(tmp_path, daemons):
     grown = _rss_kb(d.proc.pid) - before
     conn.close()
     assert grown < 8 * 1024, f"RSS grew {grown} KiB over 8000 requests for unknown files"
+
+
+def test_log_level_set_and_changed_by_sighup_never_shows_a_url_key(tmp_path, daemons):
+    access = '[access.per_mac]\nurl_key = "k3y-for-site"\n'
+    d = start(tmp_path, access + '[log]\nlevel = "warn"\n')
+    daemons.append(d)
+    good = d.config.read_text()
+    assert curl_status(d.url("http", f"/k3y-for-site/{MAC}.cfg"))[0] == 200
+    # An error line is written after everything logged before it: no access line came.
+    d.config.write_text(good.replace('level = "warn"', 'level = "loud"'))
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for_log("reload refused, keeping the running configuration:")
+    assert "[log] level: must be one of 'debug', 'info', 'warn', 'error', not 'loud'" in d.log
+    assert '"GET ' not in d.log
+    # Debug on a running daemon: each TFTP transfer's lines, the key hidden in them too.
+    d.config.write_text(good.replace('level = "warn"', 'level = "debug"'))
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for_log("reloaded")
+    assert tftp_get(d.ports["tftp"], f"k3y-for-site/{MAC}.cfg", tmp_path / "t") is not None
+    d.wait_for_log(f"TFTP RRQ '***/{MAC}.cfg' (octet) for 127.0.0.1:")
+    d.wait_for_log(f'"RRQ ***/{MAC}.cfg" 200')
+    d.wait_for_log("bytes in")  # the transfer's last line: done, N bytes in T s
+    assert "k3y-for-site" not in d.log
+    # The format changes on a reload too.
+    d.config.write_text(good.replace('level = "warn"', 'level = "info"\nformat = "json"'))
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for_log('"level": "info", "namespace": "zprovd.daemon", "message": "reloaded ')

@@ -112,3 +112,13 @@ def test_listen_addresses(text, host, port):
 def test_bad_listen_addresses(text):
     with pytest.raises(ValueError):
         parse_listen(text)
+
+
+def test_log_level(tmp_path):
+    path = tmp_path / "z.toml"
+    path.write_text(MINIMAL + '[log]\nlevel = "debug"\n')
+    assert load_config(path).log.level == "debug"
+    path.write_text(MINIMAL)
+    assert load_config(path).log.level == "info"
+    found = problems_of(tmp_path, MINIMAL + '[log]\nlevel = "verbose"\n')
+    assert any("[log] level: must be one of 'debug', 'info', 'warn', 'error', not 'verbose'" in p for p in found)

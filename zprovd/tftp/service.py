@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -408,15 +408,15 @@ class TFTPProtocol(DatagramProtocol):
 
     def _read_request(self, packet: ReadRequest, client: tuple[str, int], key: Any) -> None:
         server = self.server
-        name = packet.filename
         try:
-            d = defer.maybeDeferred(server.source, name, client)
+            d = defer.maybeDeferred(server.source, packet.filename, client)
         except Exception:  # pragma: no cover - maybeDeferred catches already
             d = defer.fail()
         server._pending.add(d)
 
         def got(reader: Reader | None) -> None:
             server._pending.discard(d)
+            name = server.shown_name(packet.filename)  # after the source: it may have learnt a secret
             if reader is None:
                 self._forget(key)
                 server.log.debug("TFTP RRQ {name!r} from {client}: not found", name=name, client=client)
@@ -434,6 +434,7 @@ class TFTPProtocol(DatagramProtocol):
             self._forget(key)
             if failure.check(defer.CancelledError):
                 return
+            name = server.shown_name(packet.filename)
             if failure.check(AccessDenied):
                 server.log.debug(
                     "TFTP RRQ {name!r} from {client}: access denied: {why}",
@@ -515,7 +516,8 @@ class TFTPServer(Service):
     most ``upload_max_bytes``.  ``log`` is a ``twisted.logger.Logger``.
     ``shutdown_timeout`` bounds how long :meth:`stopService` waits for
     transfers in flight; ``max_transfers`` bounds concurrent transfers
-    (beyond it requests get ERROR 0 "server busy").
+    (beyond it requests get ERROR 0 "server busy").  ``shown_name`` turns a
+    requested file name into what log lines show (it may hide secrets).
     """
 
     def __init__(
@@ -532,6 +534,7 @@ class TFTPServer(Service):
         *,
         shutdown_timeout: float = 30.0,
         max_transfers: int = 4096,
+        shown_name: Callable[[str], str] = str,
     ):
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -550,6 +553,7 @@ class TFTPServer(Service):
         self.log = log if log is not None else Logger(namespace="zprovd.tftp")
         self.shutdown_timeout = shutdown_timeout
         self.max_transfers = max_transfers
+        self.shown_name = shown_name
         self.accepting = False
         self._ports: list[Any] = []
         self._transfers: set[TransferProtocol] = set()
