@@ -360,6 +360,18 @@ def cmd_device_seen(s: Session, args) -> int:
     return EXIT_OK
 
 
+def cmd_backup(s: Session, args) -> int:
+    backup = getattr(s.backend, "backup", None)
+    if backup is None:
+        raise CommandError(f"backend {s.config.backend.type} keeps no data of its own to back up")
+    try:
+        wait(backup(args.file))
+    except OSError as exc:
+        raise CommandError(f"{args.file}: {exc.strerror or exc}") from None
+    s.out.write(f"backed up to {args.file}\n")
+    return EXIT_OK
+
+
 def cmd_import(s: Session, args) -> int:
     from zprovd.csvimport import CSVImportError, parse_csv
 
@@ -586,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(devices, "seen", cmd_device_seen, "phones that asked for a configuration but are not configured")
 
     command(sub, "import", cmd_import, "import users and devices from a CSV file (all or nothing)").add_argument("file")
+
+    c = command(sub, "backup", cmd_backup, "write a consistent copy of the users and devices to a file (the daemon may run)")
+    c.add_argument("file", type=Path)
 
     c = command(sub, "render", cmd_render, "print exactly what the daemon would serve")
     who = c.add_mutually_exclusive_group(required=True)

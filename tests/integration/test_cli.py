@@ -117,3 +117,41 @@ def test_dhcp_commands_through_the_cli(config):
     assert "zpt-no-such-if0" in r.stdout + r.stderr and "Traceback" not in r.stderr
     r = run_cli(config, "dhcp", "leases")
     assert r.returncode == 0 and "no DHCP leases" in r.stdout
+
+
+def test_backup_while_the_daemon_serves_restores_as_a_working_database(tmp_path):
+    from conftest import Daemon
+    import urllib.request
+
+    config = free_config(tmp_path)
+    ok(config, "user", "add", "alice", "--password", "pw", "--sip-password", "sip-secret-9")
+    ok(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice")
+    d = Daemon(config).start()
+    try:
+        body = urllib.request.urlopen(d.url("http", "/001565aabbcc.cfg"), timeout=10).read()
+        assert b"sip-secret-9" in body
+        out = ok(config, "backup", str(tmp_path / "saved.sqlite3"))
+        assert out == f"backed up to {tmp_path / 'saved.sqlite3'}\n"
+    finally:
+        d.stop()
+    # Restoring is putting the file in place of the database: a second
+    # install started on the copy serves the same phone.
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (tmp_path / "saved.sqlite3").rename(restored / "zprovd.sqlite3")
+    other = free_config(restored)
+    other.write_text(other.read_text().replace(f'state_dir = "{restored / "state"}"', f'state_dir = "{restored}"'))
+    assert "alice" in ok(other, "user", "list")
+    d = Daemon(other).start()
+    try:
+        assert b"sip-secret-9" in urllib.request.urlopen(d.url("http", "/001565aabbcc.cfg"), timeout=10).read()
+    finally:
+        d.stop()
+
+
+def test_backup_of_a_backend_without_data_of_its_own_says_so(tmp_path):
+    (tmp_path / "users.csv").write_text("login,password\nbob,pw\n")
+    config = free_config(tmp_path, backend='type = "csv"\npath = "users.csv"')
+    r = run_cli(config, "backup", str(tmp_path / "b"))
+    assert r.returncode == 1 and "backend csv keeps no data of its own to back up" in r.stderr
+    assert not (tmp_path / "b").exists()

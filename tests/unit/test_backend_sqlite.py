@@ -431,3 +431,41 @@ def test_a_version_1_file_is_migrated_keeping_its_data(tmp_path: Path, monkeypat
     before = db.execute("SELECT value FROM generation").fetchone()[0]
     result_of(backend.save_user(User("new", hash_password("pw", iterations=1))))
     assert db.execute("SELECT value FROM generation").fetchone()[0] > before
+
+
+# ---------------------------------------------------------------------------
+# backup
+
+
+def test_backup_is_a_private_copy_that_opens_as_the_same_records(tmp_path):
+    backend = opened(tmp_path)
+    result_of(backend.save_user(user("alice", "201", "202")))
+    result_of(backend.save_device(Device("001565aabbcc", "yealink-t48g", ["alice"], vars={"url_key": "k"})))
+    result_of(backend.record_fetch("001565aabbcc", Fetch(1_700_000_000.0, "192.0.2.7", "001565aabbcc.cfg")))
+    result_of(backend._fetches_written())
+    target = tmp_path / "saved" / "zprovd-backup.sqlite3"
+    target.parent.mkdir()
+    target.write_text("an older backup")
+    result_of(backend.backup(target))
+    assert target.stat().st_mode & 0o777 == 0o600  # SIP passwords inside
+    assert sorted(p.name for p in target.parent.iterdir()) == ["zprovd-backup.sqlite3"]  # no temporary left
+    copy = opened(tmp_path / "elsewhere", path=str(target))
+    assert result_of(copy.list_users()) == result_of(backend.list_users())
+    assert result_of(copy.list_devices()) == result_of(backend.list_devices())
+    assert result_of(copy.get_device("001565aabbcc")).last_fetch.address == "192.0.2.7"
+
+
+def test_a_failed_backup_leaves_the_target_and_no_temporary(tmp_path):
+    backend = opened(tmp_path)
+    result_of(backend.save_user(user("alice")))
+    folder = tmp_path / "a-folder"
+    (folder / "x").mkdir(parents=True)  # os.replace cannot put a file over a non-empty folder
+    with pytest.raises(OSError):
+        result_of(backend.backup(folder))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (folder / "x").is_dir()
+    with pytest.raises(OSError):
+        result_of(backend.backup(tmp_path / "missing" / "b.sqlite3"))
+    with pytest.raises(BackendError, match="that is the live database"):
+        result_of(backend.backup(backend.path))
+    assert result_of(backend.get_user("alice")) is not None

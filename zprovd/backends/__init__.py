@@ -187,6 +187,13 @@ class Backend(Protocol):
     def list_seen(self) -> Deferred:  # -> list[SeenDevice]
         ...
 
+    # optional: ``zprovd backup``
+    def backup(self, path: Path) -> Deferred:
+        """Write a consistent copy of everything the backend stores to ``path``
+        (one file), while the daemon runs; ``path`` is replaced only once the
+        copy is complete.  A backend whose data lives elsewhere (the operator's
+        CSV file, a directory server) has no such method."""
+
 
 def available_backends() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}

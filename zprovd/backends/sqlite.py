@@ -60,6 +60,7 @@ import json
 import os
 import sqlite3
 import copy
+import tempfile
 import dataclasses
 import threading
 import time
@@ -740,6 +741,37 @@ class SQLiteBackend:
                 self._save_device(db, device)
             except BackendError as exc:
                 raise BackendError(f"import: nothing imported: {exc}") from None
+
+    # ------------------------------------------------------------------
+    # backup
+
+    def backup(self, path: Path) -> Deferred:
+        """Write a consistent copy of the database to ``path``, while the daemon runs.
+
+        The copy is a database file like the live one, readable by its owner
+        only (it holds SIP passwords).  It is written beside ``path`` and
+        renamed over it once complete: a failed backup leaves ``path`` as it was.
+        """
+        return self._call(self._backup, Path(path).absolute())
+
+    def _backup(self, db: sqlite3.Connection, path: Path) -> None:
+        if path == self.path:
+            raise BackendError(f"{path}: that is the live database")
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+        os.close(fd)
+        try:
+            copy_db = sqlite3.connect(temp)
+            try:
+                db.backup(copy_db)
+            finally:
+                copy_db.close()
+            os.replace(temp, path)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
 
     # ------------------------------------------------------------------
     # what the daemon learns
