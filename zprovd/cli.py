@@ -126,10 +126,9 @@ def cmd_run(s: Session, args) -> int:
     import signal
 
     from twisted.internet import reactor
-
-    from zprovd.daemon import Daemon, StartupError
     from twisted.logger import LogLevel
 
+    from zprovd.daemon import Daemon, StartupError
     from zprovd.logs import buffer_lines, start_logging
 
     start_logging(s.config.log.format, LogLevel.levelWithName(s.config.log.level))
