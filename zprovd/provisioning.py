@@ -107,8 +107,14 @@ def _parse_version(text: str) -> tuple[int, ...] | None:
     return parts if parts else None
 
 
-FETCH_RESOLUTION = 10.0
-"""Seconds within which a repeated identical fetch is not recorded again."""
+FETCH_RESOLUTION = 60.0
+"""Seconds within which a repeated identical fetch is not recorded again.
+
+A phone's last fetch is shown to the minute at worst, and a daemon under
+repeated fetching (a phone in a retry loop, a load test) records at most one
+fetch per phone per minute: each record lives until the next write, long
+enough to be promoted to the cycle collector's old generation, and at 10 s
+the bench's 18,000 requests/s brought a 100-160 ms full pass every 8 s."""
 RECORDED_FETCHES = 200_000
 
 GROUPS = {ZoiperRoute: "zoiper", GenericRoute: "generic", PerMacRoute: "per_mac", FirmwareRoute: "firmware"}
