@@ -206,7 +206,29 @@ def _new_user(s: Session, args) -> User:
     )
 
 
+def _read_secrets(args, *names: str) -> None:
+    """Password options given as ``-`` are read from standard input: asked
+    for without echo on a terminal, else its first line.  A password on the
+    command line is seen by every user of the machine (``ps``) and kept in
+    the shell's history."""
+    dashed = [name for name in names if getattr(args, name, None) == "-"]
+    options = ["--" + name.replace("_", "-") for name in dashed]
+    if len(dashed) > 1:
+        raise CommandError(f"{' and '.join(options)}: only one password can be read from standard input")
+    for name, option in zip(dashed, options):
+        if sys.stdin.isatty():
+            import getpass
+
+            value = getpass.getpass(f"{option[2:]}: ")
+        else:
+            value = sys.stdin.readline().rstrip("\r\n")
+        if not value:
+            raise CommandError(f"{option} -: no password on standard input")
+        setattr(args, name, value)
+
+
 def cmd_user_add(s: Session, args) -> int:
+    _read_secrets(args, "password", "sip_password")
     if not args.login or any(c.isspace() for c in args.login):
         raise CommandError(f"login {args.login!r} must be non-empty and contain no spaces")
     if not args.password:
@@ -220,6 +242,7 @@ def cmd_user_add(s: Session, args) -> int:
 
 
 def cmd_user_add_account(s: Session, args) -> int:
+    _read_secrets(args, "sip_password")
     user = wait(s.backend.get_user(args.login))
     if user is None:
         raise CommandError(f"no user {args.login}")
@@ -234,6 +257,52 @@ def cmd_user_add_account(s: Session, args) -> int:
     )
     wait(s.backend.save_user(user))
     s.out.write(f"user {args.login} now has {len(user.accounts)} SIP accounts\n")
+    return EXIT_OK
+
+
+def cmd_user_edit(s: Session, args) -> int:
+    """Change what the options give, keep the rest (accounts, vars, devices)."""
+    from dataclasses import replace
+
+    from zprovd.passwords import hash_password
+
+    _read_secrets(args, "password", "sip_password")
+    user = wait(s.backend.get_user(args.login))
+    if user is None:
+        raise CommandError(f"no user {args.login}")
+    sip = {name: getattr(args, name) for name in ("sip_user", "sip_auth_user", "sip_password", "sip_domain")}
+    sip = {name: value for name, value in sip.items() if value is not None}
+    for name, value in sip.items():
+        if not value and name != "sip_auth_user":  # an empty auth user: the SIP user again
+            raise CommandError(f"--{name.replace('_', '-')} must not be empty")
+    if args.password is not None:
+        if not args.password:
+            raise CommandError("--password must not be empty")
+        user.password_hash = hash_password(args.password)
+    if args.account is not None or sip:
+        number = args.account or 1
+        if not 1 <= number <= len(user.accounts):
+            raise CommandError(f"user {args.login} has {len(user.accounts)} SIP account(s), not an account {number}")
+        user.accounts[number - 1] = replace(user.accounts[number - 1], **sip)
+    if args.display_name is not None:
+        if args.account is not None:
+            user.accounts[args.account - 1] = replace(user.accounts[args.account - 1], display_name=args.display_name)
+        else:
+            # Accounts showing the user's name (``user add`` copies it to the
+            # first one) go on showing it.
+            old = user.display_name
+            user.display_name = args.display_name
+            user.accounts = [replace(a, display_name=args.display_name) if a.display_name == old else a
+                             for a in user.accounts]
+    for key in args.unset_var or []:
+        if key not in user.vars:
+            raise CommandError(f"--unset-var {key}: the user has no such var")
+        del user.vars[key]
+    user.vars.update(_vars(args.var))
+    if args.password is None and not sip and args.display_name is None and not args.var and not args.unset_var:
+        raise CommandError("nothing to change (see `zprovd user edit --help`)")
+    wait(s.backend.save_user(user))
+    s.out.write(f"user {args.login} saved\n")
     return EXIT_OK
 
 
@@ -272,33 +341,97 @@ def cmd_user_remove(s: Session, args) -> int:
     return EXIT_OK
 
 
-def cmd_device_add(s: Session, args) -> int:
-    mac = _mac(args.mac)
-    catalogue = s.catalogue()
-    if catalogue.get(args.model) is None:
-        raise CommandError(f"unknown model {args.model!r}; `zprovd models` lists them")
-    for login in args.user or []:
+_DEVICE_SECRETS = ("http_user", "http_ha1_sha256", "http_ha1_md5", "url_key")
+"""Device vars set only through their own options (``--http-user``, ``--url-key``)."""
+
+
+def _check_users(s: Session, logins: list[str]) -> None:
+    for login in logins:
         if wait(s.backend.get_user(login)) is None:
             raise CommandError(f"no user {login}")
-    existing = wait(s.backend.get_device(mac))
-    if existing is not None and not args.replace:
-        raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
-    variables = _vars(args.var)
-    reserved = sorted(set(variables) & {"http_user", "http_ha1_sha256", "http_ha1_md5", "url_key"})
-    if reserved:
+
+
+def _check_model(s: Session, model: str) -> str:
+    if s.catalogue().get(model) is None:
+        raise CommandError(f"unknown model {model!r}; `zprovd models` lists them")
+    return model.lower()
+
+
+def _device_vars(args, variables: dict[str, Any]) -> dict[str, Any]:
+    """``variables`` with the device options of ``args`` applied: ``--var``,
+    ``--http-user``/``--http-password``, ``--url-key`` (and, for ``device
+    edit``, ``--unset-var``, ``--no-http-auth``, ``--no-url-key``)."""
+    variables = dict(variables)
+    given = _vars(args.var)
+    removed = list(getattr(args, "unset_var", None) or [])
+    if reserved := sorted(set(given) & set(_DEVICE_SECRETS)):
         raise CommandError(f"--var {reserved[0]}: set it with --http-user/--http-password/--url-key")
+    if reserved := sorted(set(removed) & set(_DEVICE_SECRETS)):
+        raise CommandError(f"--unset-var {reserved[0]}: remove it with --no-http-auth/--no-url-key")
+    for key in removed:
+        if key not in variables:
+            raise CommandError(f"--unset-var {key}: the device has no such var")
+        del variables[key]
+    variables.update(given)
     if bool(args.http_user) != bool(args.http_password):
         raise CommandError("--http-user and --http-password go together")
+    if getattr(args, "no_http_auth", False):
+        for key in ("http_user", "http_ha1_sha256", "http_ha1_md5"):
+            variables.pop(key, None)
     if args.http_user:
         from zprovd.httpauth import Credentials
 
         c = Credentials.from_password(args.http_user, args.http_password)
         variables.update(http_user=c.user, http_ha1_sha256=c.ha1_sha256, http_ha1_md5=c.ha1_md5)
+    if getattr(args, "no_url_key", False):
+        variables.pop("url_key", None)
     if args.url_key:
         if not args.url_key.replace("-", "").replace("_", "").isalnum() or not args.url_key.isascii():
             raise CommandError("--url-key: use letters, digits, '-' and '_' only (it is a path segment)")
         variables["url_key"] = args.url_key
-    wait(s.backend.save_device(Device(mac=mac, model=args.model.lower(), users=list(args.user or []), vars=variables)))
+    return variables
+
+
+def cmd_device_add(s: Session, args) -> int:
+    _read_secrets(args, "http_password")
+    mac = _mac(args.mac)
+    model = _check_model(s, args.model)
+    _check_users(s, args.user or [])
+    existing = wait(s.backend.get_device(mac))
+    if existing is not None and not args.replace:
+        raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
+    variables = _device_vars(args, {})
+    wait(s.backend.save_device(Device(mac=mac, model=model, users=list(args.user or []), vars=variables)))
+    s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
+    return EXIT_OK
+
+
+def cmd_device_edit(s: Session, args) -> int:
+    _read_secrets(args, "http_password")
+    mac = _mac(args.mac)
+    if args.no_http_auth and args.http_user:
+        raise CommandError("--no-http-auth and --http-user exclude each other")
+    if args.no_url_key and args.url_key:
+        raise CommandError("--no-url-key and --url-key exclude each other")
+    if args.no_user and args.user:
+        raise CommandError("--no-user and --user exclude each other")
+    device = wait(s.backend.get_device(mac))
+    if device is None:
+        raise CommandError(f"no device {format_mac(mac, 'colon')}")
+    if args.model is not None:
+        device.model = _check_model(s, args.model)
+    if args.user:
+        _check_users(s, args.user)
+        device.users = list(args.user)
+    elif args.no_user:
+        device.users = []
+    variables = _device_vars(args, device.vars)
+    changes = (args.model, args.user, args.no_user, args.var, args.unset_var, args.http_user,
+               args.no_http_auth, args.url_key, args.no_url_key)
+    if not any(changes):
+        raise CommandError("nothing to change (see `zprovd device edit --help`)")
+    device.vars = variables
+    wait(s.backend.save_device(device))
     s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
     return EXIT_OK
 
@@ -329,7 +462,7 @@ def cmd_device_show(s: Session, args) -> int:
     if device.vars.get("url_key"):
         out.write(f"url key:       {device.vars['url_key']}\n")
     for key, value in sorted(device.vars.items()):
-        if key not in ("http_user", "http_ha1_sha256", "http_ha1_md5", "url_key"):
+        if key not in _DEVICE_SECRETS:
             out.write(f"var:           {key}={value}\n")
     f = device.last_fetch
     out.write(f"last fetch:    {_when(f.when)} from {f.address}: {f.file}\n" if f else "last fetch:    never\n")
@@ -562,21 +695,32 @@ def build_parser() -> argparse.ArgumentParser:
     users = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True, metavar="ACTION")
     c = command(users, "add", cmd_user_add, "add a user (login, provisioning password and first SIP account)")
     c.add_argument("login")
-    c.add_argument("--password", required=True, help="provisioning password (stored hashed)")
+    c.add_argument("--password", required=True, help="provisioning password (stored hashed); - reads it from standard input")
     c.add_argument("--display-name")
     c.add_argument("--sip-user", help="default: the login")
     c.add_argument("--sip-auth-user", help="default: the SIP user")
-    c.add_argument("--sip-password", help="default: the provisioning password")
+    c.add_argument("--sip-password", help="default: the provisioning password; - reads it from standard input")
     c.add_argument("--sip-domain", help="default: [provisioning] server")
     c.add_argument("--var", action="append", metavar="KEY=VALUE", help="template variable (repeatable)")
     c.add_argument("--replace", action="store_true", help="overwrite an existing user")
     c = command(users, "add-account", cmd_user_add_account, "add another SIP account to a user")
     c.add_argument("login")
     c.add_argument("--sip-user", required=True)
-    c.add_argument("--sip-password", required=True)
+    c.add_argument("--sip-password", required=True, help="- reads it from standard input")
     c.add_argument("--sip-auth-user")
     c.add_argument("--sip-domain")
     c.add_argument("--display-name")
+    c = command(users, "edit", cmd_user_edit, "change a user: only what the options give (accounts, vars and devices stay)")
+    c.add_argument("login")
+    c.add_argument("--password", help="new provisioning password; - reads it from standard input")
+    c.add_argument("--display-name", help="the user's (and that of the accounts showing it); with --account, that account's")
+    c.add_argument("--account", type=int, metavar="N", help="the SIP account the --sip-* options change (default 1)")
+    c.add_argument("--sip-user")
+    c.add_argument("--sip-auth-user", help="empty: the SIP user")
+    c.add_argument("--sip-password", help="- reads it from standard input")
+    c.add_argument("--sip-domain")
+    c.add_argument("--var", action="append", metavar="KEY=VALUE", help="set a template variable (repeatable)")
+    c.add_argument("--unset-var", action="append", metavar="KEY", help="remove a template variable (repeatable)")
     command(users, "list", cmd_user_list, "list users")
     command(users, "show", cmd_user_show, "show one user").add_argument("login")
     command(users, "remove", cmd_user_remove, "remove a user").add_argument("login")
@@ -588,9 +732,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user", action="append", metavar="LOGIN", help="the user of line 1, 2, ... (repeatable)")
     c.add_argument("--var", action="append", metavar="KEY=VALUE", help="template variable (repeatable)")
     c.add_argument("--http-user", help="HTTP Basic/Digest user this phone must send ([access.per_mac] auth)")
-    c.add_argument("--http-password", help="its password (stored as Digest HA1 values, not in clear)")
+    c.add_argument("--http-password", help="its password (stored as Digest HA1 values, not in clear); - reads it from standard input")
     c.add_argument("--url-key", help="serve this phone's files only under /<key>/")
     c.add_argument("--replace", action="store_true", help="overwrite an existing device")
+    c = command(devices, "edit", cmd_device_edit, "change a desk phone: only what the options give")
+    c.add_argument("mac", help="in any usual spelling")
+    c.add_argument("--model", help="a model id from `zprovd models`")
+    c.add_argument("--user", action="append", metavar="LOGIN", help="the users of its lines, in order, replacing the old ones (repeatable)")
+    c.add_argument("--no-user", action="store_true", help="no user on any line")
+    c.add_argument("--var", action="append", metavar="KEY=VALUE", help="set a template variable (repeatable)")
+    c.add_argument("--unset-var", action="append", metavar="KEY", help="remove a template variable (repeatable)")
+    c.add_argument("--http-user", help="new HTTP Basic/Digest user ([access.per_mac] auth)")
+    c.add_argument("--http-password", help="its password; - reads it from standard input")
+    c.add_argument("--no-http-auth", action="store_true", help="remove the phone's own HTTP credentials")
+    c.add_argument("--url-key", help="new URL key: serve this phone's files only under /<key>/")
+    c.add_argument("--no-url-key", action="store_true", help="remove the phone's own URL key")
     command(devices, "list", cmd_device_list, "list desk phones")
     command(devices, "show", cmd_device_show, "show one desk phone").add_argument("mac")
     command(devices, "remove", cmd_device_remove, "remove a desk phone").add_argument("mac")

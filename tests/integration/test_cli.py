@@ -155,3 +155,148 @@ def test_backup_of_a_backend_without_data_of_its_own_says_so(tmp_path):
     r = run_cli(config, "backup", str(tmp_path / "b"))
     assert r.returncode == 1 and "backend csv keeps no data of its own to back up" in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def _zoiper(d, login: str, password: str) -> bytes:
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"user": login, "password": password, "version": "1.14"})
+    return urllib.request.urlopen(d.url("http", "/zoiper?" + query), timeout=10).read()
+
+
+def test_user_edit_changes_what_is_given_and_keeps_the_rest(tmp_path):
+    from conftest import Daemon
+
+    config = free_config(tmp_path)
+    ok(config, "user", "add", "alice", "--password", "old-pw", "--display-name", "Alice A", "--sip-user", "100",
+       "--sip-password", "sip-one", "--var", "language=fr")
+    ok(config, "user", "add-account", "alice", "--sip-user", "200", "--sip-password", "sip-two", "--display-name", "Desk")
+    ok(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice")
+    assert ok(config, "user", "edit", "alice", "--password", "new-pw", "--display-name", "Alice B") == "user alice saved\n"
+    ok(config, "user", "edit", "alice", "--account", "2", "--sip-password", "sip-two-b", "--sip-domain", "pbx.example")
+    ok(config, "user", "edit", "alice", "--var", "tz=Europe/Paris", "--unset-var", "language")
+    out = ok(config, "user", "show", "alice")
+    # The first account showed the user's name and goes on showing it; the
+    # second had its own.
+    assert "sip user 100, auth user 100, domain 127.0.0.1, display name Alice B" in out
+    assert "sip user 200, auth user 200, domain pbx.example, display name Desk" in out
+    assert "var:           tz=Europe/Paris" in out and "language" not in out
+    assert "alice" in ok(config, "device", "show", "001565aabbcc")  # the device still has its user
+    d = Daemon(config).start()
+    try:
+        document = _zoiper(d, "alice", "new-pw")
+        assert b"sip-one" in document and b"sip-two-b" in document and b"pbx.example" in document
+        assert b'<error code="1">' in _zoiper(d, "alice", "old-pw")
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["user", "edit", "alice"], "nothing to change (see `zprovd user edit --help`)"),
+    (["user", "edit", "alice", "--account", "2", "--sip-user", "x"], "user alice has 1 SIP account(s), not an account 2"),
+    (["user", "edit", "alice", "--sip-password", ""], "--sip-password must not be empty"),
+    (["user", "edit", "alice", "--unset-var", "nope"], "--unset-var nope: the user has no such var"),
+    (["user", "edit", "ghost", "--password", "x"], "no user ghost"),
+    (["device", "edit", "001565aabbcc"], "nothing to change (see `zprovd device edit --help`)"),
+    (["device", "edit", "001565aabbcc", "--model", "acme-x1"], "unknown model 'acme-x1'"),
+    (["device", "edit", "001565aabbcc", "--user", "ghost"], "no user ghost"),
+    (["device", "edit", "001565aabbcc", "--unset-var", "url_key"], "--unset-var url_key: remove it with --no-http-auth/--no-url-key"),
+    (["device", "edit", "001565aabbcc", "--var", "http_user=x"], "--var http_user: set it with --http-user"),
+    (["device", "edit", "001565aabbcc", "--http-user", "u"], "--http-user and --http-password go together"),
+    (["device", "edit", "001565aabbcc", "--url-key", "k", "--no-url-key"], "--no-url-key and --url-key exclude each other"),
+    (["device", "edit", "001565000009", "--model", "yealink-t48g"], "no device 00:15:65:00:00:09"),
+])
+def test_edit_refusals_change_nothing(config, args, message):
+    ok(config, "user", "add", "alice", "--password", "pw")
+    ok(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice", "--url-key", "k1")
+    before = ok(config, "user", "show", "alice") + ok(config, "device", "show", "001565aabbcc")
+    r = run_cli(config, *args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert ok(config, "user", "show", "alice") + ok(config, "device", "show", "001565aabbcc") == before
+
+
+def test_device_edit_changes_what_is_given_and_keeps_the_rest(config):
+    ok(config, "user", "add", "alice", "--password", "pw", "--sip-password", "sip-a")
+    ok(config, "user", "add", "bob", "--password", "pw", "--sip-password", "sip-b")
+    ok(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice", "--var", "language=de",
+       "--url-key", "k1", "--http-user", "phone1", "--http-password", "hp")
+    ok(config, "device", "edit", "00:15:65:AA:BB:CC", "--user", "bob", "--user", "alice", "--no-url-key")
+    out = ok(config, "device", "show", "001565aabbcc")
+    assert "users:         bob, alice" in out and "url key" not in out
+    assert "http auth:     user phone1, password (set)" in out and "var:           language=de" in out
+    rendered = ok(config, "render", "--mac", "001565aabbcc")
+    assert rendered.index("sip-b") < rendered.index("sip-a")  # line 1 is bob's now
+    ok(config, "device", "edit", "001565aabbcc", "--model", "yealink-t46s", "--no-user", "--no-http-auth",
+       "--unset-var", "language", "--var", "tz=UTC")
+    out = ok(config, "device", "show", "001565aabbcc")
+    assert "model:         yealink-t46s" in out and "users:         -" in out
+    assert "http auth" not in out and "language" not in out and "var:           tz=UTC" in out
+
+
+def test_passwords_from_standard_input_stay_off_the_command_line(config):
+    r = run_cli(config, "user", "add", "alice", "--password", "-", "--sip-user", "100", input="pw from stdin\n")
+    assert r.returncode == 0, r.stderr
+    assert "pw from stdin" in ok(config, "render", "--user", "alice")  # the SIP password defaults to it
+    r = run_cli(config, "user", "edit", "alice", "--sip-password", "-", input="sip-from-stdin\r\nignored\n")
+    assert r.returncode == 0, r.stderr
+    rendered = ok(config, "render", "--user", "alice")
+    assert "sip-from-stdin" in rendered and "ignored" not in rendered and "pw from stdin" not in rendered
+    r = run_cli(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--http-user", "ph",
+                "--http-password", "-", input="http-pw\n")
+    assert r.returncode == 0 and "http auth:     user ph" in ok(config, "device", "show", "001565aabbcc")
+    r = run_cli(config, "user", "edit", "alice", "--password", "-", "--sip-password", "-", input="a\nb\n")
+    assert r.returncode == 1 and "--password and --sip-password: only one password can be read" in r.stderr
+    r = run_cli(config, "user", "add", "bob", "--password", "-", input="")
+    assert r.returncode == 1 and "--password -: no password on standard input" in r.stderr
+    assert "bob" not in ok(config, "user", "list")
+
+
+def test_password_asked_for_on_a_terminal_is_not_echoed(config):
+    import os
+    import pty
+    import select
+    import signal
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "zprovd", "-c", str(config), "user", "add", "alice",
+                                  "--password", "-", "--sip-user", "100"])
+
+    def read_until(wanted: bytes, seconds: float) -> bytes:
+        """What the terminal shows until ``wanted``, the child's exit or ``seconds``."""
+        got = b""
+        deadline = time.monotonic() + seconds
+        while wanted not in got and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 1024)
+                except OSError:  # EIO: the child has exited
+                    break
+                if not chunk:
+                    break
+                got += chunk
+        return got
+
+    try:
+        seen = read_until(b"password: ", 60)
+        assert b"password: " in seen
+        os.write(master, b"typed-secret\n")
+        seen += read_until(b"saved", 60)
+    finally:
+        deadline = time.monotonic() + 10
+        while (reaped := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if reaped == (0, 0):
+            os.kill(pid, signal.SIGKILL)  # stuck: the test has failed already
+            reaped = os.waitpid(pid, 0)
+        status = reaped[1]
+        os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"user alice saved" in seen and b"typed-secret" not in seen
+    assert "typed-secret" in ok(config, "render", "--user", "alice")
