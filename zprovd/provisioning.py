@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
@@ -37,7 +37,7 @@ from zprovd.context import RequestInfo, device_context, generic_context, zoiper_
 from zprovd.documentcache import Document, DocumentCache
 from zprovd.firmware import FirmwareFolder
 from zprovd.metrics import Metrics
-from zprovd.policy import Policy, Refusal
+from zprovd.policy import DEVICE_URL_KEY, Policy, Refusal
 from zprovd.renderer import Dependencies, Renderer, RenderError
 from zprovd.routing import (
     BadRequest,
@@ -106,6 +106,8 @@ def _parse_version(text: str) -> tuple[int, ...] | None:
         return None
     return parts if parts else None
 
+
+_NEVER = object()
 
 FETCH_RESOLUTION = 60.0
 """Seconds within which a repeated identical fetch is not recorded again.
@@ -189,9 +191,15 @@ class Provisioner:
         """Query parameters whose values the access log hides (besides the secret-looking ones)."""
         self.secret_segments: set[str] = set(self.policy.install_url_key)
         """Path segments the access log hides (``hide_segments``): the install's
-        URL key, and each device's own key from its first per-MAC look-up on
-        (a phone may fetch its generic files under its key too)."""
+        URL key and every device's own key (a phone may fetch its generic
+        files under its key too).  Device keys are asked of the backend
+        before the first request is answered and again when its generation
+        moves (``_learn_url_keys``); a backend that cannot list them has each
+        one learnt at its device's first per-MAC look-up."""
         self._generation: Callable[[], Any] = getattr(backend, "generation", None) or (lambda: None)
+        self._device_var_values: Callable[[str], Deferred] | None = getattr(backend, "device_var_values", None)
+        self._keys_generation: Any = _NEVER  # the generation whose device keys were asked for
+        self._keys_waiting: list[Deferred] | None = None  # requests waiting for the keys being asked for
 
     # ------------------------------------------------------------------
 
@@ -212,6 +220,45 @@ class Provisioner:
         return answer
 
     def _answer(self, request: Request) -> Response | Deferred:
+        if self._device_var_values is not None:
+            learning = self._learn_url_keys()
+            if learning is not None:  # the first request, or the first since a change
+                return learning.addCallback(lambda _: self._answer_known(request))
+        return self._answer_known(request)
+
+    def _learn_url_keys(self) -> Deferred | None:
+        """A Deferred while the device URL keys are asked for, None when they
+        are known.  The request waits, so that its log line already hides a
+        key it may hold; it happens once at start and once after each change
+        of the backend's generation.  Keys are only ever added (one removed
+        from its device stays hidden); a failed look-up is not retried until
+        the generation moves (per-MAC look-ups still learn their device's)."""
+        if self._keys_waiting is None:
+            generation = self._generation()
+            if generation == self._keys_generation:  # None (cannot tell) right after a change, then the new value
+                return None
+            self._keys_generation = generation
+            self._keys_waiting = []
+            asked = maybeDeferred(self._device_var_values, DEVICE_URL_KEY)  # type: ignore[arg-type]
+            asked.addCallbacks(self._keys_learnt, self._keys_failed)
+            if self._keys_waiting is None:  # known at once
+                return None
+        waiter: Deferred = Deferred()
+        self._keys_waiting.append(waiter)
+        return waiter
+
+    def _keys_learnt(self, keys: set[str] | None) -> None:
+        self.secret_segments.update(keys or ())
+        waiting, self._keys_waiting = self._keys_waiting or [], None
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def _keys_failed(self, failure: Failure) -> None:
+        log.warn("cannot list the device URL keys (each is learnt at its device's first request): {error}",
+                 error=failure.getErrorMessage())
+        self._keys_learnt(None)
+
+    def _answer_known(self, request: Request) -> Response | Deferred:
         if self.policy.scans.banned_for(request.client, self.clock()) > 0:
             return _text(403, "Forbidden", reason="scanning")
         route = self.router.route(request)

@@ -100,8 +100,7 @@ def test_url_key_per_install_and_per_device(tmp_path, daemons):
     assert curl_status(d.url("http", "/%6B3y-for-site/dev2-key/001565000002.cfg?x=1"))[0] == 200
     assert curl_status(d.url("http", "/k3y-for-site/y000000000035.cfg"))[0] == 200  # generic: no key needed
     assert curl_status(d.url("http", "/k3y-for-site/dev2-key/y000000000035.cfg"))[0] == 200  # the phone's own URL
-    # The keys are credentials: the access lines show them as *** (a device's
-    # key from its first per-MAC request on).
+    # The keys are credentials: the access lines show them as ***.
     d.wait_for_log('"GET /provision/***/001565aabbcc.cfg" 200')
     d.wait_for_log('"GET /***/***/001565000002.cfg" 200')
     d.wait_for_log('"GET /***/***/001565000002.cfg?x=1" 200')
@@ -110,6 +109,24 @@ def test_url_key_per_install_and_per_device(tmp_path, daemons):
     d.wait_for_log('"RRQ ***/001565aabbcc.cfg" 200')
     d.wait_for_log('"GET /wrong-key/001565aabbcc.cfg" 404')
     assert "k3y-for-site" not in d.log and "dev2-key" not in d.log
+
+
+def test_device_url_keys_are_hidden_from_the_first_request_and_after_a_change(tmp_path, daemons):
+    # The device has its key before the daemon starts; its first request
+    # since is for a generic file under the key, over TFTP then HTTP.
+    d = start(tmp_path, "", ("--url-key", "dev1-key"))
+    daemons.append(d)
+    assert tftp_get(d.ports["tftp"], "dev1-key/y000000000035.cfg", tmp_path / "t") is not None
+    assert curl_status(d.url("http", "/dev1-key/y000000000035.cfg"))[0] == 200
+    # A key given to another device while the daemon runs, used at once.
+    r = run_cli(d.config, "device", "add", "001565000002", "--model", "yealink-t48g", "--url-key", "dev2-key")
+    assert r.returncode == 0, r.stderr
+    assert curl_status(d.url("http", "/dev2-key/y000000000035.cfg"))[0] == 200
+    assert curl_status(d.url("http", "/dev2-key/nothing-here.cfg"))[0] == 404
+    d.wait_for_log('"RRQ ***/y000000000035.cfg" 200')
+    d.wait_for_log('"GET /***/y000000000035.cfg" 200')
+    d.wait_for_log('"GET /***/nothing-here.cfg" 404')
+    assert "dev1-key" not in d.log and "dev2-key" not in d.log
 
 
 @pytest.mark.parametrize("algorithms", [["SHA-256", "MD5"], ["MD5"]])

@@ -469,3 +469,23 @@ def test_a_failed_backup_leaves_the_target_and_no_temporary(tmp_path):
     with pytest.raises(BackendError, match="that is the live database"):
         result_of(backend.backup(backend.path))
     assert result_of(backend.get_user("alice")) is not None
+
+
+def test_device_var_values(backend: SQLiteBackend) -> None:
+    result_of(backend.save_user(user("alice", "100")))
+    devices = [
+        ("001565000001", {"url_key": "key-one"}),
+        ("001565000002", {"url_key": "key-two", "language": "fr"}),
+        ("001565000003", {"url_key": "key-one"}),  # the same key twice: one value
+        ("001565000004", {"language": "url_key"}),  # the name as another var's value
+        ("001565000005", {"url_key": 7}),  # not a string: not a key
+        ("001565000006", {"url_key": ""}),
+        ("001565000007", {"URL_KEY": "upper"}),  # another var (LIKE ignores case, the look-up does not)
+        ("001565000008", {}),
+    ]
+    for mac, variables in devices:
+        result_of(backend.save_device(Device(mac, "yealink-t48g", ["alice"], variables)))
+    assert result_of(backend.device_var_values("url_key")) == {"key-one", "key-two"}
+    assert result_of(backend.device_var_values("language")) == {"fr", "url_key"}
+    assert result_of(backend.device_var_values("l%")) == set()  # LIKE wildcards in the name match nothing more
+    assert result_of(backend.device_var_values("nothing")) == set()

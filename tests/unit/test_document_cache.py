@@ -192,9 +192,11 @@ def test_one_copy_serves_every_protocol_and_client_when_no_template_reads_the_re
         per_mac = result_of(world.provisioner.answer(Request(protocol=protocol, path=f"/{MAC}.cfg", client=client)))
         assert per_mac.status == 200
         world.settle()
-    # One render each; the per-MAC file twice: the backend's generation is unknown on the first look.
+    # One render each: the backend's generation, unknown on the very first
+    # look (when the device URL keys are asked for), is known by the
+    # per-MAC look-up.
     assert world.renders.count("yealink/common.cfg.j2") == 1
-    assert world.renders.count("yealink/mac.cfg.j2") == 2
+    assert world.renders.count("yealink/mac.cfg.j2") == 1
     assert len(world.provisioner.documents) == 2
 
 
@@ -387,3 +389,42 @@ def test_busy_fetch_records_are_written_once_per_interval(tmp_path):
     run_one()
     assert result_of(closing) is None
     assert last_fetch(tmp_path) == "10.0.0.5"
+
+
+def test_device_url_keys_are_asked_once_per_generation_while_requests_wait(world):
+    """Requests arriving while the keys are asked for wait for them; a failed
+    look-up is logged and not retried until the backend's generation moves."""
+    from twisted.python.failure import Failure
+
+    asked: list[Deferred] = []
+
+    def device_var_values(name):
+        assert name == "url_key"
+        asked.append(Deferred())
+        return asked[-1]
+
+    def get(protocol: str = "http") -> Response | Deferred:
+        world.settle()
+        return provisioner.answer(Request(protocol=protocol, path="/k1/y000000000035.cfg", client="192.0.2.10"))
+
+    world.backend.device_var_values = device_var_values
+    provisioner = Provisioner(world.config, load_catalogue(world.renderer.dirs), world.renderer, world.backend,
+                              maybeDeferred, clock=world.clock.seconds)
+    # The generation is unknown on the very first look, known on the next:
+    # the keys are asked for twice at start.
+    for expected in (1, 2):
+        first, second = get(), get("tftp")
+        assert len(asked) == expected and not first.called and not second.called
+        asked[-1].callback({f"k{expected}"})
+        assert result_of(first).status == 200 and result_of(second).status == 200
+    assert {"k1", "k2"} <= provisioner.secret_segments
+    assert get().status == 200 and len(asked) == 2  # nothing changed: answered at once, not asked again
+    # A change: asked again; the look-up fails, the request is answered all the same.
+    result_of(world.cli.save_device(Device("001565000002", "yealink-t48g", ["alice"], {"url_key": "k3"})))
+    for _ in range(2):  # once for the unknown generation, once for the new one
+        d = get()
+        asked[-1].errback(Failure(RuntimeError("database is locked")))
+        assert result_of(d).status == 200
+    assert len(asked) == 4
+    assert get().status == 200 and len(asked) == 4  # answered at once: not retried
+    assert "k3" not in provisioner.secret_segments  # learnt at its device's first per-MAC request instead

@@ -158,6 +158,13 @@ class Backend(Protocol):
         None when the backend cannot tell cheaply right now.  A backend without
         this method is asked for every request (nothing is cached)."""
 
+    # optional: lets the daemon hide every device's URL key in its logs
+    def device_var_values(self, name: str) -> Deferred:  # -> set[str]
+        """Every distinct string value of the device var ``name`` (the daemon
+        asks for ``url_key`` when it starts and when ``generation`` moves).
+        Without this method a device's key is known to the daemon, and hidden
+        in its logs, from that device's first per-MAC request on."""
+
     # listing and changes used by the CLI
     def list_users(self) -> Deferred:  # -> list[User]
         ...

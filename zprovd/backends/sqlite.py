@@ -583,6 +583,26 @@ class SQLiteBackend:
                 accounts.setdefault(login, []).append(tuple(account))
         return [self._user(row, accounts.get(row[0], [])) for row in users]
 
+    def device_var_values(self, name: str) -> Deferred:
+        """Every distinct string value of the device var ``name``."""
+        return self._call(self._device_var_values, name)
+
+    def _device_var_values(self, db: sqlite3.Connection, name: str) -> set[str]:
+        # LIKE (its wildcards make it a superset) skips the devices whose vars
+        # do not even mention the name without decoding their JSON.
+        pattern = "%" + json.dumps(name) + "%"
+        with self._transaction(db, write=False):
+            rows = db.execute("SELECT vars FROM devices WHERE vars LIKE ?", (pattern,)).fetchall()
+        values = set()
+        for (text,) in rows:
+            try:
+                value = json.loads(text).get(name)
+            except (ValueError, AttributeError):
+                continue  # get_device reports a broken row when it is asked for it
+            if isinstance(value, str) and value:
+                values.add(value)
+        return values
+
     def list_devices(self) -> Deferred:
         """Every device, by MAC."""
         return self._call(self._list_devices)
