@@ -8,9 +8,10 @@ a client that has not sent a complete request ``HEADER_DEADLINE`` seconds
 after connecting or after its previous response is refused with 408
 (trickling one byte at a time does not move the deadline).
 
-Only what phones and softphones need: GET and HEAD.  A request body is read
-and dropped (up to ``MAX_BODY`` bytes); chunked bodies and larger ones get
-413.  A request line over ``MAX_REQUEST_LINE`` bytes gets 414, a header
+Only what phones and softphones need: GET, HEAD and PUT.  A request body
+(``Content-Length`` bytes, at most ``max_body``) is handed out by
+``read_body`` as it arrives; what was not read is dropped when the response
+is done.  Chunked bodies and larger ones get 413.  A request line over ``MAX_REQUEST_LINE`` bytes gets 414, a header
 block over ``MAX_HEADER_BYTES`` bytes or ``MAX_HEADERS`` lines 431, anything
 malformed 400 and an HTTP version other than 1.0 and 1.1 505.  Lines may end
 in CRLF or a bare LF (RFC 9112 section 2.2).
@@ -66,14 +67,35 @@ class Refusal:
 class ServerConnection:
     """One client connection, from the server's side."""
 
-    __slots__ = ("_buffer", "_busy", "_closed", "_discard", "_waiting_since")
+    __slots__ = ("_body_left", "_buffer", "_busy", "_closed", "_discard", "_max_body", "_waiting_since")
 
-    def __init__(self, now: float):
+    def __init__(self, now: float, max_body: int = MAX_BODY):
         self._buffer = b""
         self._busy = False
         self._closed = False
         self._waiting_since: float | None = now
-        self._discard = 0  # body bytes of the request being answered, still to drop
+        self._max_body = max_body
+        self._body_left = 0  # body bytes of the request being answered, not read yet
+        self._discard = 0  # body bytes of the request answered, still to drop
+
+    @property
+    def body_left(self) -> int:
+        """Bytes of the current request's body not read yet (some may be buffered)."""
+        return self._body_left
+
+    def read_body(self) -> bytes:
+        """The current request's body bytes received and not read yet."""
+        left = self._body_left
+        buffer = self._buffer
+        if not left or not buffer:
+            return b""
+        if len(buffer) <= left:
+            self._buffer = b""
+            self._body_left = left - len(buffer)
+            return buffer
+        self._buffer = buffer[left:]
+        self._body_left = 0
+        return buffer[:left]
 
     @property
     def buffered(self) -> int:
@@ -114,8 +136,11 @@ class ServerConnection:
         return Refusal(408, "headers not received in time")
 
     def response_done(self, now: float, keep_alive: bool) -> None:
-        """The answer to the last request was sent; the next one may come."""
+        """The answer to the last request was sent; the next one may come
+        (after the rest of its body, dropped)."""
         self._busy = False
+        if self._body_left:
+            self._discard = self._body_left - len(self.read_body())
         if keep_alive:
             self._waiting_since = now
         else:
@@ -142,16 +167,9 @@ class ServerConnection:
         event = self._parse(buffer[:end])
         if isinstance(event, Refusal):
             return self._refuse(event)
-        rest = buffer[end + skip:]
         length = event.headers.get(b"content-length")
-        if length is not None:
-            size = int(length)
-            if size > len(rest):
-                self._discard = size - len(rest)
-                rest = b""
-            else:
-                rest = rest[size:]
-        self._buffer = rest
+        self._body_left = int(length) if length is not None else 0
+        self._buffer = buffer[end + skip:]
         self._busy = True
         self._waiting_since = None
         return event
@@ -220,7 +238,7 @@ class ServerConnection:
                 value = value.lstrip(b"0") or b"0"
                 if headers.get(name, value) != value:
                     return Refusal(400, "conflicting content-length")
-                if len(value) > 9 or int(value) > MAX_BODY:
+                if len(value) > 10 or int(value) > self._max_body:
                     return Refusal(413, "request body too large")
             elif name == b"transfer-encoding":
                 return Refusal(413, "request body refused")

@@ -48,8 +48,10 @@ from zprovd.routing import (
     Request,
     Router,
     ZoiperRoute,
+    split_path,
 )
 from zprovd.throttle import FailureLimiter
+from zprovd.uploads import upload_name
 
 log = Logger(namespace="zprovd.provisioning")
 
@@ -71,6 +73,14 @@ class Response:
     """For the audit log: the MAC or login the request was about."""
     reason: str = ""
     """For the audit log: why it was refused, or what was served."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A PUT to take: store its body as ``name`` in the upload folder."""
+
+    name: str
+    mac: str
 
 
 def hide_segments(path: str, hidden: set[str] | frozenset[str], percent_encoded: bool) -> str:
@@ -295,6 +305,56 @@ class Provisioner:
             self._miss(request.client, key or f"refusal:{next(self._unique)}")
         text = {401: "Unauthorized", 403: "Forbidden", 404: "Not found"}.get(refusal.status, "Refused")
         return _text(refusal.status, text, who=who, reason=refusal.reason, headers=tuple(refusal.headers))
+
+    # -- uploads ----------------------------------------------------------
+
+    def upload(self, request: Request) -> Response | Upload | Deferred:
+        """May this PUT store its body?  An ``Upload`` (now or from the
+        Deferred) if so, else the refusal to send.  Only Polycom logs
+        (``upload_name``) of a known phone are taken, with the access its
+        per-MAC files have: addresses, URL keys, HTTP credentials, client
+        certificate.  Never raises, never fails."""
+        try:
+            answer = self._upload(request)
+        except Exception:
+            return self._unexpected(Failure(), request)
+        if isinstance(answer, Deferred):
+            answer.addErrback(self._unexpected, request)
+        return answer
+
+    def _upload(self, request: Request) -> Response | Upload | Deferred:
+        if self.config.tftp.upload_dir is None:
+            return _text(405, "Method not allowed", headers=(("Allow", "GET, HEAD"),), reason="uploads are off")
+        if self.policy.scans.banned_for(request.client, self.clock()) > 0:
+            return _text(403, "Forbidden", reason="scanning")
+        segments = split_path(request.path, percent_encoded=True)
+        if isinstance(segments, BadRequest):
+            return _text(400, "Bad request", reason=segments.reason)
+        name = upload_name(segments[-1]) if segments else None
+        if name is None:
+            return _text(403, "Forbidden", reason="not a log upload")
+        mac = name[:12]
+        route = PerMacRoute(name, mac, (), tuple(segments[:-1]))
+        policy = self.policy
+        refusal = policy.address_refusal(GROUPS[PerMacRoute], request.protocol, request.client)
+        if refusal is None and not policy.per_mac_open:
+            refusal = policy.url_key_refusal(route.prefix, None)
+        if refusal is not None:
+            return self._refuse(refusal, request, mac, "key:" + mac)
+        return self._lookup("get_device", mac).addCallbacks(self._upload_by, self._upload_lookup_failed,
+                                                            (route, request), None, (mac,))
+
+    def _upload_lookup_failed(self, failure: Failure, mac: str) -> Response:
+        log.error("backend failed looking up {mac}: {error}", mac=mac, error=failure.getErrorMessage())
+        return _text(503, "Service unavailable", who=mac, reason="backend unavailable")
+
+    def _upload_by(self, device: Device | None, route: PerMacRoute, request: Request) -> Response | Upload:
+        if device is None:
+            self._miss(request.client, "mac:" + route.mac)
+            return _text(404, "Not found", who=route.mac, reason="unknown MAC")
+        self.secret_segments.update(self.policy.device_url_key(device))
+        refused = self._device_refusal(route, request, device, self.clock())
+        return refused if refused is not None else Upload(route.name, route.mac)
 
     def _unexpected(self, failure, request: Request) -> Response:
         log.failure("unexpected error answering {protocol} request", failure, protocol=request.protocol)

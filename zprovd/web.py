@@ -4,12 +4,15 @@ It only moves bytes: what a client sends goes to the sans-I/O
 ``ServerConnection``; each request it hands out becomes a
 ``zprovd.routing.Request`` for the provisioner, and the ``Response`` becomes
 bytes on the transport (firmware files streamed in chunks with a producer).
+A PUT the provisioner takes (a phone's log) has its body written to the
+upload folder as it arrives.
 One access-log line per request, with secret query values replaced by
 ``***`` and never an Authorization header.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -27,8 +30,9 @@ from zprovd import httpcore, logs
 from zprovd.httpcore import Refusal, RequestHead, ServerConnection
 from zprovd.metrics import Metrics
 from zprovd.policy import client_address, macs_in_certificate_names
-from zprovd.provisioning import Provisioner, Response, hide_segments
+from zprovd.provisioning import Provisioner, Response, Upload, hide_segments
 from zprovd.routing import Request
+from zprovd.uploads import UploadWriter
 
 log = Logger(namespace="zprovd.http")
 
@@ -42,6 +46,9 @@ SEND_STALL = 60.0
 nothing) before the connection is aborted."""
 PAUSE_READING_AT = httpcore.MAX_REQUEST_LINE + httpcore.MAX_HEADER_BYTES + httpcore.MAX_BODY
 """Bytes of further requests buffered while one is answered before reading stops."""
+UPLOAD_STALL = 30.0
+"""Seconds an upload may make no progress (the client sending nothing)
+before it is dropped and its connection closed."""
 
 def redact_uri(uri: str, secret_params: set[str] | frozenset[str]) -> str:
     """The URI with the value of every secret-looking query parameter replaced by ***.
@@ -131,6 +138,26 @@ _CONTENT_TYPES: dict[str, bytes] = {}
 _NO_STORE = (b"Cache-Control", b"no-store")
 _INTERNAL_ERROR = Response(500, b"internal error\n", reason="internal error")
 _METHOD_NOT_ALLOWED = Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),), reason="method not allowed")
+_METHOD_NOT_ALLOWED_PUT = Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD, PUT"),),
+                                   reason="method not allowed")
+
+
+class _Upload:
+    """A PUT being stored: where its bytes go and what its access line needs."""
+
+    __slots__ = ("head", "request", "provisioner", "started", "who", "writer", "received", "progress", "watch")
+
+    def __init__(self, head: RequestHead, request: Request, provisioner: Provisioner, started: float, who: str,
+                 writer: UploadWriter):
+        self.head = head
+        self.request = request
+        self.provisioner = provisioner
+        self.started = started
+        self.who = who
+        self.writer = writer
+        self.received = 0
+        self.progress = started
+        self.watch = None
 
 
 class HTTPProtocol(Protocol):
@@ -147,17 +174,23 @@ class HTTPProtocol(Protocol):
         self._paused = False
         self._peer = "-"
         self._certificate_macs = _NO_CERTIFICATE
+        self._upload: _Upload | None = None
 
     # -- bytes in ------------------------------------------------------------
 
     def connectionMade(self):
-        self.connection = ServerConnection(self.reactor.seconds())
+        tftp = self.factory.provisioner().config.tftp
+        max_body = max(httpcore.MAX_BODY, tftp.upload_max_bytes) if tftp.upload_dir is not None else httpcore.MAX_BODY
+        self.connection = ServerConnection(self.reactor.seconds(), max_body)
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", None) or str(peer)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         self.connection.receive_data(data)
+        if self._upload is not None:
+            self._drain_upload()  # the next request is looked at once the upload is answered
+            return
         self._next()
 
     def connectionLost(self, reason=None):
@@ -166,6 +199,10 @@ class HTTPProtocol(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._closing = None
+        if self._upload is not None:
+            up = self._upload
+            self._upload_end(Response(400, who=up.who, reason=f"connection lost after {up.received} bytes"),
+                             close=True, failed=True)
 
     def _next(self) -> None:
         """Answer what the connection hands out until it needs more bytes,
@@ -242,8 +279,11 @@ class HTTPProtocol(Protocol):
             method=head.method.decode("ascii"),
             certificate_macs=self._peer_certificate_macs() if factory.protocol == "https" else None,
         )
+        if head.method == b"PUT":
+            self._put(head, request, provisioner, started)
+            return False
         if head.method != b"GET" and head.method != b"HEAD":
-            answer = _METHOD_NOT_ALLOWED
+            answer = _METHOD_NOT_ALLOWED if provisioner.config.tftp.upload_dir is None else _METHOD_NOT_ALLOWED_PUT
         else:
             try:
                 answer = provisioner.answer(request)
@@ -279,6 +319,120 @@ class HTTPProtocol(Protocol):
         self._finished(head, request, response.status, sent, response, provisioner, started)
         self.factory.inflight.leave()
         self._next()
+
+    # -- uploads (PUT) --------------------------------------------------------------
+
+    def _put(self, head: RequestHead, request: Request, provisioner: Provisioner, started: float) -> None:
+        """A PUT: the provisioner says whether to take it, then its body goes
+        to the upload folder as it arrives (never held whole in memory)."""
+        self.factory.inflight.enter()
+        answer = provisioner.upload(request)
+        if not isinstance(answer, Deferred):
+            self._put_decided(answer, head, request, provisioner, started)
+            return
+
+        def failed(failure) -> None:
+            log.failure("deciding on an upload failed", failure)
+            self._put_decided(_INTERNAL_ERROR, head, request, provisioner, started)
+
+        answer.addCallback(self._put_decided, head, request, provisioner, started).addErrback(failed)
+
+    def _put_decided(self, answer: Response | Upload, head: RequestHead, request: Request,
+                     provisioner: Provisioner, started: float) -> None:
+        if self._lost:
+            who = answer.who if isinstance(answer, Response) else answer.mac
+            self._put_answered(head, request, provisioner, started,
+                               Response(400, who=who, reason="connection lost before the upload started"), close=True)
+            return
+        if isinstance(answer, Response):  # refused: the body (if any) is not read, the connection closes
+            self._put_answered(head, request, provisioner, started, answer, close=self.connection.body_left > 0)
+            return
+        tftp = provisioner.config.tftp
+        length = head.headers.get(b"content-length")
+        refusal = None
+        if length is None:
+            refusal = Response(411, b"length required\n", who=answer.mac, reason="no Content-Length")
+        elif int(length) > tftp.upload_max_bytes:
+            refusal = Response(413, b"too large\n", who=answer.mac, reason=f"upload over {tftp.upload_max_bytes} bytes")
+        else:
+            try:
+                writer = UploadWriter(tftp.upload_dir, answer.name)  # type: ignore[arg-type]
+            except OSError as e:
+                log.error("cannot create the upload file {name}: {err}", name=answer.name, err=e)
+                refusal = Response(500, b"cannot store the file\n", who=answer.mac, reason="upload folder not writable")
+        if refusal is not None:
+            self._put_answered(head, request, provisioner, started, refusal, close=self.connection.body_left > 0)
+            return
+        if self.connection.body_left and not head.http10 and head.headers.get(b"expect", b"").lower() == b"100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        up = self._upload = _Upload(head, request, provisioner, started, answer.mac, writer)
+        up.progress = self.reactor.seconds()
+        up.watch = self.reactor.callLater(UPLOAD_STALL, self._upload_stalled)
+        if self._paused:  # the body waited in the buffer for the decision
+            self._paused = False
+            self.transport.resumeProducing()
+        self._drain_upload()
+
+    def _drain_upload(self) -> None:
+        """Write what has arrived of the body; answer once all of it is stored."""
+        up = self._upload
+        assert up is not None
+        data = self.connection.read_body()
+        if data:
+            up.progress = self.reactor.seconds()
+            up.received += len(data)
+            try:
+                up.writer.write(data)
+            except OSError as e:
+                log.error("cannot write the upload {name}: {err}", name=up.writer.final_path.name, err=e)
+                self._upload_end(Response(500, b"cannot store the file\n", who=up.who, reason="upload write failed"),
+                                 close=True, failed=True)
+                return
+        if self.connection.body_left:
+            return
+        replaced = up.writer.final_path.exists()
+        try:
+            up.writer.commit()
+        except OSError as e:
+            log.error("cannot store the upload {name}: {err}", name=up.writer.final_path.name, err=e)
+            self._upload_end(Response(500, b"cannot store the file\n", who=up.who, reason="upload write failed"),
+                             close=True, failed=True)
+            return
+        status, body = (200, b"replaced\n") if replaced else (201, b"created\n")
+        self._upload_end(Response(status, body, who=up.who, reason=f"upload {up.received} bytes"), close=False)
+
+    def _upload_stalled(self) -> None:
+        """One timer per upload, re-armed lazily: drop an upload that stopped."""
+        up = self._upload
+        if up is None:
+            return
+        idle = self.reactor.seconds() - up.progress
+        if idle < UPLOAD_STALL:
+            up.watch = self.reactor.callLater(UPLOAD_STALL - idle, self._upload_stalled)
+            return
+        up.watch = None
+        self._upload_end(Response(408, b"request timeout\n", who=up.who, reason=f"upload stalled after {up.received} bytes"),
+                         close=True, failed=True)
+
+    def _upload_end(self, response: Response, close: bool, failed: bool = False) -> None:
+        up = self._upload
+        assert up is not None
+        self._upload = None
+        if up.watch is not None and up.watch.active():
+            up.watch.cancel()
+        if failed:
+            up.writer.abort()  # the temporary file goes; an earlier upload of that name stays
+        self._put_answered(up.head, up.request, up.provisioner, up.started, response, close)
+
+    def _put_answered(self, head: RequestHead, request: Request, provisioner: Provisioner, started: float,
+                      response: Response, close: bool) -> None:
+        if close and head.keep_alive:
+            head = dataclasses.replace(head, keep_alive=False)
+        sent = self._send(head, response) if not self._lost else 0
+        self._finished(head, request, response.status, sent, response, provisioner, started)
+        self.factory.inflight.leave()
+        if not self._lost:
+            self._next()
 
     def _peer_certificate_macs(self) -> frozenset[str] | None:
         if self._certificate_macs is _NO_CERTIFICATE:  # one look per connection

@@ -112,6 +112,33 @@ def test_a_request_body_is_read_and_dropped_even_split():
     assert connection.next_event().path == b"/next"
 
 
+@given(st.binary(min_size=0, max_size=300), st.lists(st.integers(1, 40), min_size=1, max_size=20),
+       st.integers(0, 300))
+def test_a_body_is_handed_out_whole_however_it_arrives(body, cuts, read_before):
+    """read_body hands out exactly the body, in any pieces; what is not read
+    when the response is done is dropped; the next request follows."""
+    data = b"PUT /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body + b"GET /next HTTP/1.1\r\n\r\n"
+    connection = ServerConnection(0.0, max_body=1000)
+    pieces, at = [], 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        pieces.append(data[at:at + cut])
+        at += cut
+    got, head = b"", None
+    for piece in pieces:
+        connection.receive_data(piece)
+        if head is None:
+            head = connection.next_event()
+            if head is None:
+                continue
+            assert head.path == b"/x"
+        if len(got) < read_before:
+            got += connection.read_body()
+    assert head is not None and body.startswith(got) and connection.body_left == len(body) - len(got)
+    connection.response_done(0.0, True)
+    assert connection.body_left == 0 and connection.read_body() == b""
+    assert connection.next_event().path == b"/next"
+
+
 @pytest.mark.parametrize("data, status", [
     (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET /" + b"a" * 5000, 414),  # not even complete

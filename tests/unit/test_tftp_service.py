@@ -21,7 +21,8 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 
 from zprovd.tftp.packets import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest, decode
-from zprovd.tftp.service import TFTPServer, UploadWriter, upload_name
+from zprovd.tftp.service import TFTPServer
+from zprovd.uploads import UploadWriter, upload_name
 from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileReader, safe_relative_name
 
 CLIENT = ("127.0.0.1", 50000)

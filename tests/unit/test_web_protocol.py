@@ -27,7 +27,8 @@ class Provisioner:
         self.requests = []
         self.later: list[Deferred] | None = None  # set: answer through Deferreds
         self.file = None  # set: answer with this firmware file
-        self.config = SimpleNamespace(access=SimpleNamespace(trusted_proxies=[]))
+        self.config = SimpleNamespace(access=SimpleNamespace(trusted_proxies=[]),
+                                      tftp=SimpleNamespace(upload_dir=None, upload_max_bytes=1 << 20))
         self.secret_params = {"password"}
         self.secret_segments: set[str] = set()
 
@@ -293,3 +294,101 @@ def test_a_firmware_file_gone_since_the_look_up_gets_404_and_the_connection_goes
     protocol.dataReceived(b"GET /gone.rom HTTP/1.1\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 404 ") and not transport.disconnecting
     assert inflight.count == 0 and '"firmware gone"' in access[0]
+
+
+# -- uploads (PUT) -----------------------------------------------------------------
+
+
+def uploading(tmp_path, decided_later: bool = False, refusal: Response | None = None, name: str = "up"):
+    """A provisioner that takes PUTs of 0004f2aabbcc-app.log into tmp_path/name."""
+    from zprovd.provisioning import Upload
+
+    provisioner = Provisioner()
+    folder = tmp_path / name
+    folder.mkdir()
+    provisioner.config.tftp.upload_dir = folder
+    provisioner.config.tftp.upload_max_bytes = 10_000
+    decisions: list[Deferred] = []
+
+    def upload(request):
+        provisioner.requests.append(request)
+        answer = refusal or Upload("0004f2aabbcc-app.log", "0004f2aabbcc")
+        if not decided_later:
+            return answer
+        d = Deferred()
+        d.addCallback(lambda _: answer)
+        decisions.append(d)
+        return d
+
+    provisioner.upload = upload
+    return provisioner, folder, decisions
+
+
+PUT = b"PUT /0004F2AABBCC-app.log HTTP/1.1\r\nHost: prov\r\nContent-Length: 10\r\n"
+
+
+def test_a_put_body_arriving_in_pieces_is_stored_then_the_next_request_answered(access, tmp_path):
+    clock = Clock()
+    provisioner, folder, decisions = uploading(tmp_path, decided_later=True)
+    inflight = InFlight()
+    protocol, transport = connect(clock, provisioner, inflight)
+    protocol.dataReceived(PUT + b"\r\n0123")  # part of the body before the decision
+    assert transport.value() == b"" and inflight.count == 1
+    decisions.pop().callback(None)
+    protocol.dataReceived(b"45")
+    assert transport.value() == b"" and [p.name for p in folder.iterdir()][0].startswith(".upload-")
+    protocol.dataReceived(b"6789GET /next HTTP/1.1\r\n\r\n")  # the rest, and a pipelined request
+    assert (folder / "0004f2aabbcc-app.log").read_bytes() == b"0123456789"
+    answers = transport.value().split(b"HTTP/1.1 ")
+    assert answers[1].startswith(b"201 Created") and answers[2].startswith(b"200 OK") and answers[2].endswith(b"/next")
+    assert [r.path for r in provisioner.requests] == ["/0004F2AABBCC-app.log", "/next"]
+    assert inflight.count == 0 and not transport.disconnecting
+    assert access[0].startswith('http 192.0.2.7 "PUT /0004F2AABBCC-app.log" 201 ') and '"upload 10 bytes"' in access[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["0004f2aabbcc-app.log"]
+
+
+def test_100_continue_is_sent_only_for_a_put_that_is_taken(access, tmp_path):
+    expect = PUT + b"Expect: 100-continue\r\n\r\n"
+    provisioner, folder, _ = uploading(tmp_path)
+    protocol, transport = connect(Clock(), provisioner)
+    protocol.dataReceived(expect)
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    protocol.dataReceived(b"0123456789")
+    assert b"HTTP/1.1 201 Created" in transport.value()
+    refused = Response(404, b"Not found\n", who="0004f2aabbcc", reason="unknown MAC")
+    provisioner, folder, _ = uploading(tmp_path, refusal=refused, name="refused")
+    protocol, transport = connect(Clock(), provisioner)
+    protocol.dataReceived(expect)
+    # No 100 Continue: the final answer, and the connection closes (the body
+    # may or may not follow).
+    assert transport.value().startswith(b"HTTP/1.1 404 Not Found\r\n") and b"Connection: close" in transport.value()
+    assert transport.disconnecting and list(folder.iterdir()) == []
+
+
+def test_a_stalled_upload_is_dropped_and_leaves_no_file(access, tmp_path):
+    from zprovd.web import UPLOAD_STALL
+
+    clock = Clock()
+    provisioner, folder, _ = uploading(tmp_path)
+    inflight = InFlight()
+    protocol, transport = connect(clock, provisioner, inflight)
+    protocol.dataReceived(PUT + b"\r\n01234")
+    clock.advance(UPLOAD_STALL - 1)
+    protocol.dataReceived(b"5")  # progress moves the deadline
+    clock.advance(UPLOAD_STALL - 1)
+    assert transport.value() == b""
+    clock.advance(1)
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n") and transport.disconnecting
+    assert list(folder.iterdir()) == [] and inflight.count == 0
+    assert '"upload stalled after 6 bytes"' in access[0]
+
+
+def test_a_put_over_the_limit_or_without_a_length_is_refused(access, tmp_path):
+    provisioner, folder, _ = uploading(tmp_path)
+    protocol, transport = connect(Clock(), provisioner)
+    protocol.dataReceived(b"PUT /0004f2aabbcc-app.log HTTP/1.1\r\nContent-Length: 10001\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")  # by httpcore: over the connection's max_body
+    protocol, transport = connect(Clock(), provisioner)
+    protocol.dataReceived(b"PUT /0004f2aabbcc-app.log HTTP/1.1\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 411 Length Required\r\n")
+    assert list(folder.iterdir()) == []
