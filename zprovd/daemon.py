@@ -233,6 +233,7 @@ class Daemon(MultiService):
             upload_max_bytes=t.upload_max_bytes,
             shutdown_timeout=config.server.shutdown_timeout,
             shown_name=source.shown_name,
+            accept_upload=source.accept_upload,
         )
         try:
             server.privilegedStartService()

@@ -327,7 +327,7 @@ class Provisioner:
             return _text(405, "Method not allowed", headers=(("Allow", "GET, HEAD"),), reason="uploads are off")
         if self.policy.scans.banned_for(request.client, self.clock()) > 0:
             return _text(403, "Forbidden", reason="scanning")
-        segments = split_path(request.path, percent_encoded=True)
+        segments = split_path(request.path, percent_encoded=request.protocol != "tftp")
         if isinstance(segments, BadRequest):
             return _text(400, "Bad request", reason=segments.reason)
         name = upload_name(segments[-1]) if segments else None

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from zprovd import logs
 from zprovd.metrics import Metrics
-from zprovd.provisioning import Provisioner, Response, hide_segments
+from zprovd.provisioning import Provisioner, Response, Upload, hide_segments
 from zprovd.routing import Request
 from zprovd.tftp.source import AccessDenied, BytesReader, FileReader
 
@@ -29,6 +29,21 @@ class ProvisioningSource:
         d = self.provisioner().handle(request)
         d.addCallback(self._reader, name, client[0])
         return d
+
+    def accept_upload(self, name: str, client: tuple[str, int]) -> Deferred:
+        """A write request: the name to store it under, or None (access
+        violation).  The same decision as an HTTP PUT (``Provisioner.upload``)."""
+        answer = self.provisioner().upload(Request(protocol="tftp", path=name, client=client[0]))
+        d = answer if isinstance(answer, Deferred) else succeed(answer)
+        return d.addCallback(self._upload_decided, name, client[0])
+
+    def _upload_decided(self, answer: Response | Upload, name: str, client: str) -> str | None:
+        response = answer if isinstance(answer, Response) else None
+        status, who = (response.status, response.who) if response else (200, answer.mac)
+        reason = response.reason if response else "upload"
+        logs.access(f'tftp {client} "WRQ {quote(self.shown_name(name), safe="/@.:-_+*")}" {status} - - '
+                    f'who={quote(who, safe="@.:-_+")} "{reason or "-"}"')
+        return None if response else answer.name
 
     def shown_name(self, name: str) -> str:
         """The file name as log lines show it: URL keys hidden (``hide_segments``)."""

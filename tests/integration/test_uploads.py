@@ -112,3 +112,23 @@ def test_uploads_are_off_without_an_upload_folder(tmp_path):
         assert r.stdout.startswith("HTTP/1.1 405") and "\nAllow: GET, HEAD\n" in r.stdout
     finally:
         d.stop()
+
+
+def tftp_put(port: int, local: Path, remote: str) -> str:
+    r = subprocess.run(["tftp", "-m", "binary", "127.0.0.1", str(port), "-c", "put", str(local), remote],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+def test_tftp_write_requests_get_the_same_decision(daemon, tmp_path):
+    d, uploads = daemon
+    log = tmp_path / "boot.log"
+    log.write_bytes(os.urandom(70_000))
+    assert "Error" not in tftp_put(d.ports["tftp"], log, f"site-key/{MAC}-boot.log")
+    assert (uploads / f"{MAC}-boot.log").read_bytes() == log.read_bytes()
+    for refused in (f"{MAC}-app.log", "site-key/0004f2000001-app.log", f"site-key/{MAC}.cfg"):
+        assert "Error code 2" in tftp_put(d.ports["tftp"], log, refused)
+    assert [p.name for p in uploads.iterdir()] == [f"{MAC}-boot.log"]
+    d.wait_for_log(f'tftp 127.0.0.1 "WRQ ***/{MAC}-boot.log" 200 - - who={MAC} "upload"')
+    d.wait_for_log('"WRQ ***/0004f2000001-app.log" 404')
+    assert "site-key" not in d.log

@@ -437,6 +437,33 @@ def test_wrq_over_limit_removes_partial_file(events: list[dict[str, Any]], tmp_p
     assert server.transfers_in_flight() == 0
 
 
+def test_accept_upload_decides_each_write_request(events: list[dict[str, Any]], tmp_path: Path) -> None:
+    decisions: list[tuple[str, defer.Deferred[Any]]] = []
+
+    def accept_upload(name: str, client: tuple[str, int]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        decisions.append((name, d))
+        return d
+
+    server, net, lp = make_server(TrackingSource({}), events, upload_dir=tmp_path, accept_upload=accept_upload)
+    net.deliver(lp, WriteRequest("key/0004f2aabbcc-app.log").encode())
+    net.deliver(lp, WriteRequest("other.log", "octet").encode(), sender=("127.0.0.1", 50001))
+    assert net.take() == [] and [n for n, _ in decisions] == ["key/0004f2aabbcc-app.log", "other.log"]
+    decisions[1][1].callback(None)
+    assert net.take() == [(lp, ("127.0.0.1", 50001), Error(ErrorCode.ACCESS_VIOLATION, "access violation"))]
+    decisions[0][1].callback("0004f2aabbcc-app.log")
+    ((tp, _, pkt),) = net.take()
+    assert pkt == Ack(0)
+    net.deliver(tp, Data(1, b"log").encode())
+    assert net.take() == [(tp, CLIENT, Ack(1))]
+    assert (tmp_path / "0004f2aabbcc-app.log").read_bytes() == b"log"
+    # A decision still pending when the server stops is cancelled.
+    net.deliver(lp, WriteRequest("0004f2aabbcc-boot.log").encode(), sender=("127.0.0.1", 50002))
+    server.stopService()
+    assert decisions[-1][1].called and net.take() == []
+    assert no_errors_logged(events)
+
+
 def test_upload_name_and_writer(tmp_path: Path) -> None:
     assert upload_name("0004F2AABBCC-boot.log") == "0004f2aabbcc-boot.log"
     assert upload_name("\\0004f2aabbcc-app.log") == "0004f2aabbcc-app.log"

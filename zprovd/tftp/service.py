@@ -337,10 +337,7 @@ class TFTPProtocol(DatagramProtocol):
 
     def _read_request(self, packet: ReadRequest, client: tuple[str, int], key: Any) -> None:
         server = self.server
-        try:
-            d = defer.maybeDeferred(server.source, packet.filename, client)
-        except Exception:  # pragma: no cover - maybeDeferred catches already
-            d = defer.fail()
+        d = defer.maybeDeferred(server.source, packet.filename, client)  # a source that raises fails the Deferred
         server._pending.add(d)
 
         def got(reader: Reader | None) -> None:
@@ -381,8 +378,35 @@ class TFTPProtocol(DatagramProtocol):
 
     def _write_request(self, packet: WriteRequest, client: tuple[str, int], key: Any) -> None:
         server = self.server
-        name = packet.filename
-        final = upload_name(name) if server.upload_dir is not None else None
+        if server.upload_dir is None or server.accept_upload is None:
+            final = upload_name(packet.filename) if server.upload_dir is not None else None
+            self._store_upload(packet, client, key, final)
+            return
+        d = defer.maybeDeferred(server.accept_upload, packet.filename, client)  # a source that raises fails the Deferred
+        server._pending.add(d)
+
+        def decided(final: str | None) -> None:
+            server._pending.discard(d)
+            if not server.accepting:
+                self._forget(key)
+                return
+            self._store_upload(packet, client, key, final)
+
+        def failed(failure: Failure) -> None:
+            server._pending.discard(d)
+            self._forget(key)
+            if failure.check(defer.CancelledError):
+                return
+            server.log.failure("TFTP WRQ from {client}: deciding on the upload failed", failure, client=client)
+            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
+
+        d.addCallbacks(decided, failed)
+        d.addErrback(lambda f: server.log.failure("TFTP WRQ handling failed", f))
+
+    def _store_upload(self, packet: WriteRequest, client: tuple[str, int], key: Any, final: str | None) -> None:
+        """Receive the upload as ``final`` in the upload folder; None: refuse it."""
+        server = self.server
+        name = server.shown_name(packet.filename)
         if final is None:
             self._forget(key)
             server.log.debug("TFTP WRQ {name!r} from {client}: refused", name=name, client=client)
@@ -442,7 +466,9 @@ class TFTPServer(Service):
     ``max_blksize``/``max_windowsize`` cap negotiated values, ``retries`` is
     the number of retransmissions of one window before a transfer is dropped.
     ``upload_dir`` enables Polycom log uploads (WRQ) into that folder, each at
-    most ``upload_max_bytes``.  ``log`` is a ``twisted.logger.Logger``.
+    most ``upload_max_bytes``; ``accept_upload(name, client)``, if given,
+    decides on each (a Deferred firing with the file name to store it under,
+    or None for "access violation"), else any ``upload_name`` is taken.  ``log`` is a ``twisted.logger.Logger``.
     ``shutdown_timeout`` bounds how long :meth:`stopService` waits for
     transfers in flight; ``max_transfers`` bounds concurrent transfers
     (beyond it requests get ERROR 0 "server busy").  ``shown_name`` turns a
@@ -464,6 +490,7 @@ class TFTPServer(Service):
         shutdown_timeout: float = 30.0,
         max_transfers: int = 4096,
         shown_name: Callable[[str], str] = str,
+        accept_upload: Callable[[str, tuple[str, int]], defer.Deferred[str | None]] | None = None,
     ):
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -483,6 +510,7 @@ class TFTPServer(Service):
         self.shutdown_timeout = shutdown_timeout
         self.max_transfers = max_transfers
         self.shown_name = shown_name
+        self.accept_upload = accept_upload
         self.accepting = False
         self._ports: list[Any] = []
         self._transfers: set[TransferProtocol] = set()
