@@ -11,9 +11,10 @@ after connecting or after its previous response is refused with 408
 Only what phones and softphones need: GET, HEAD and PUT.  A request body
 (``Content-Length`` bytes, at most ``max_body``) is handed out by
 ``read_body`` as it arrives; what was not read is dropped when the response
-is done.  Chunked bodies and larger ones get 413.  A request line over ``MAX_REQUEST_LINE`` bytes gets 414, a header
-block over ``MAX_HEADER_BYTES`` bytes or ``MAX_HEADERS`` lines 431, anything
-malformed 400 and an HTTP version other than 1.0 and 1.1 505.  Lines may end
+is done.  Chunked bodies and larger ones get 413.  A request line over
+``MAX_REQUEST_LINE`` bytes gets 414, a header block over
+``MAX_HEADER_BYTES`` bytes or ``MAX_HEADERS`` lines 431, anything malformed
+400 and an HTTP version other than 1.0 and 1.1 505.  Lines may end
 in CRLF or a bare LF (RFC 9112 section 2.2).
 
 ``response_head`` and ``http_date`` build what goes back; ``byte_range`` and
