@@ -351,6 +351,12 @@ class Provisioner:
     def _upload_by(self, device: Device | None, route: PerMacRoute, request: Request) -> Response | Upload:
         if device is None:
             self._miss(request.client, "mac:" + route.mac)
+            # Challenged like a known phone when credentials are required (as
+            # for per-MAC files): a scanner cannot tell which MACs exist.
+            refusal = self.policy.auth_refusal(request.protocol, request.method, request.authorization, None,
+                                               self.clock())
+            if refusal is not None and not refusal.miss:
+                return self._refuse(refusal, request, route.mac, "")
             return _text(404, "Not found", who=route.mac, reason="unknown MAC")
         self.secret_segments.update(self.policy.device_url_key(device))
         refused = self._device_refusal(route, request, device, self.clock())

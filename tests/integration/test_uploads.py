@@ -132,3 +132,27 @@ def test_tftp_write_requests_get_the_same_decision(daemon, tmp_path):
     d.wait_for_log(f'tftp 127.0.0.1 "WRQ ***/{MAC}-boot.log" 200 - - who={MAC} "upload"')
     d.wait_for_log('"WRQ ***/0004f2000001-app.log" 404')
     assert "site-key" not in d.log
+
+
+def test_with_credentials_required_an_unknown_phone_is_challenged_like_a_known_one(tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    config = free_config(tmp_path, extra='[access.per_mac]\nauth = "digest"\n')
+    config.write_text(config.read_text().replace("[tftp]\n", f'[tftp]\nupload_dir = "{uploads}"\n'))
+    assert run_cli(config, "user", "add", "u", "--password", "pw").returncode == 0
+    r = run_cli(config, "device", "add", MAC, "--model", "polycom-vvx400", "--user", "u",
+                "--http-user", "phone1", "--http-password", "Ph0ne-pass")
+    assert r.returncode == 0, r.stderr
+    d = Daemon(config).start()
+    try:
+        log = tmp_path / "app.log"
+        log.write_text("app log\n")
+        assert put(d.url("http", f"/{MAC}-app.log"), log)[0] == 401
+        assert put(d.url("http", "/0004f2000001-app.log"), log)[0] == 401  # unknown: the same answer
+        assert put(d.url("http", f"/{MAC}-app.log"), log, "--digest", "-u", "phone1:wrong")[0] == 401
+        assert list(uploads.iterdir()) == []
+        assert put(d.url("http", f"/{MAC}-app.log"), log, "--digest", "-u", "phone1:Ph0ne-pass")[0] == 201
+        assert (uploads / f"{MAC}-app.log").read_text() == "app log\n"
+        assert "Ph0ne-pass" not in d.log
+    finally:
+        d.stop()
