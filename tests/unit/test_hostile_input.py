@@ -381,6 +381,7 @@ def test_per_mac_pattern_matches_its_own_macs_and_nothing_odd(before, after, raw
 
 @given(st.text(max_size=20), st.integers(0, 3).filter(lambda n: n != 1))
 def test_compile_pattern_needs_exactly_one_mac(text, count):
+    assume("{mac}" not in text)  # the text itself may spell the placeholder
     with pytest.raises(ValueError):
         compile_pattern(text + "{mac}" * count)
 
