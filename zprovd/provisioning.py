@@ -221,8 +221,13 @@ class Provisioner:
     def answer(self, request: Request) -> Response | Deferred:
         """Answer one request: the Response when it is known at once, else a
         Deferred that fires with it.  Never raises, never fails."""
+        return self._guarded(self._answer, request)
+
+    def _guarded(self, function: Callable[[Request], Any], request: Request) -> Any:
+        """``function(request)``, with an exception or a failed Deferred
+        turned into a 500 (logged): the protocol layers never see one."""
         try:
-            answer = self._answer(request)
+            answer = function(request)
         except Exception:
             return self._unexpected(Failure(), request)
         if isinstance(answer, Deferred):
@@ -314,13 +319,7 @@ class Provisioner:
         (``upload_name``) of a known phone are taken, with the access its
         per-MAC files have: addresses, URL keys, HTTP credentials, client
         certificate.  Never raises, never fails."""
-        try:
-            answer = self._upload(request)
-        except Exception:
-            return self._unexpected(Failure(), request)
-        if isinstance(answer, Deferred):
-            answer.addErrback(self._unexpected, request)
-        return answer
+        return self._guarded(self._upload, request)
 
     def _upload(self, request: Request) -> Response | Upload | Deferred:
         if self.config.tftp.upload_dir is None:

@@ -25,14 +25,21 @@ def put(url: str, data: Path, *args: str) -> tuple[int, str]:
     return int(status or 0), body + r.stderr
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def install(tmp_path: Path, access: str, tftp: str = "", device_args: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A config with an upload folder, a user and the phone MAC: (config, folder)."""
     uploads = tmp_path / "uploads"
     uploads.mkdir()
-    config = free_config(tmp_path, extra='[access.per_mac]\nurl_key = "site-key"\n')
-    config.write_text(config.read_text().replace("[tftp]\n", f'[tftp]\nupload_dir = "{uploads}"\nupload_max_bytes = 3000000\n'))
+    config = free_config(tmp_path, extra=access)
+    config.write_text(config.read_text().replace("[tftp]\n", f'[tftp]\nupload_dir = "{uploads}"\n{tftp}'))
     assert run_cli(config, "user", "add", "u", "--password", "pw").returncode == 0
-    assert run_cli(config, "device", "add", MAC, "--model", "polycom-vvx400", "--user", "u").returncode == 0
+    r = run_cli(config, "device", "add", MAC, "--model", "polycom-vvx400", "--user", "u", *device_args)
+    assert r.returncode == 0, r.stderr
+    return config, uploads
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    config, uploads = install(tmp_path, '[access.per_mac]\nurl_key = "site-key"\n', "upload_max_bytes = 3000000\n")
     d = Daemon(config).start()
     yield d, uploads
     d.stop()
@@ -135,14 +142,8 @@ def test_tftp_write_requests_get_the_same_decision(daemon, tmp_path):
 
 
 def test_with_credentials_required_an_unknown_phone_is_challenged_like_a_known_one(tmp_path):
-    uploads = tmp_path / "uploads"
-    uploads.mkdir()
-    config = free_config(tmp_path, extra='[access.per_mac]\nauth = "digest"\n')
-    config.write_text(config.read_text().replace("[tftp]\n", f'[tftp]\nupload_dir = "{uploads}"\n'))
-    assert run_cli(config, "user", "add", "u", "--password", "pw").returncode == 0
-    r = run_cli(config, "device", "add", MAC, "--model", "polycom-vvx400", "--user", "u",
-                "--http-user", "phone1", "--http-password", "Ph0ne-pass")
-    assert r.returncode == 0, r.stderr
+    config, uploads = install(tmp_path, '[access.per_mac]\nauth = "digest"\n',
+                              device_args=("--http-user", "phone1", "--http-password", "Ph0ne-pass"))
     d = Daemon(config).start()
     try:
         log = tmp_path / "app.log"

@@ -382,7 +382,7 @@ class TFTPProtocol(DatagramProtocol):
             final = upload_name(packet.filename) if server.upload_dir is not None else None
             self._store_upload(packet, client, key, final)
             return
-        d = defer.maybeDeferred(server.accept_upload, packet.filename, client)  # a source that raises fails the Deferred
+        d = defer.maybeDeferred(server.accept_upload, packet.filename, client)  # a hook that raises fails the Deferred
         server._pending.add(d)
 
         def decided(final: str | None) -> None:
