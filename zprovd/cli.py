@@ -125,8 +125,11 @@ def cmd_run(s: Session, args) -> int:
     import gc
     import signal
 
-    from twisted.internet import reactor
     from twisted.logger import LogLevel
+
+    from zprovd import reactor as event_loop
+
+    reactor = event_loop.install()  # before anything imports Twisted's default one
 
     from zprovd.daemon import Daemon, StartupError
     from zprovd.logs import buffer_lines, start_logging
