@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import sys
 
-from twisted.internet import reactor, ssl
+from zprovd import reactor as event_loop
+
+reactor = event_loop.install()  # the reactor zprovd runs on
+
+from twisted.internet import ssl
 from twisted.internet.protocol import Factory, Protocol
 
 from zprovd import httpcore

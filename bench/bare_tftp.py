@@ -1,7 +1,7 @@
 """The ceilings of a TFTP server in Python here: lockstep reads with no session logic.
 
 Started by the bench inside its namespace: ``python bench/bare_tftp.py ROOT
-PORT`` (on Twisted's reactor, as zprovd) or ``python bench/bare_tftp.py ROOT
+PORT`` (on zprovd's reactor, ``zprovd.reactor``) or ``python bench/bare_tftp.py ROOT
 PORT --epoll`` (no framework: a ``select.epoll`` loop, the least Python can
 do per datagram).
 Answers a read request (with the ``blksize`` option, else 512) from a fresh
@@ -21,7 +21,10 @@ import struct
 import sys
 from pathlib import Path
 
-from twisted.internet import reactor
+from zprovd import reactor as event_loop
+
+reactor = event_loop.install()  # the reactor zprovd runs on
+
 from twisted.internet.protocol import DatagramProtocol
 
 

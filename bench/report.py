@@ -182,8 +182,8 @@ def markdown(results: dict) -> str:
               "speed on a VM is mostly CPU wake-up latency, which changes with whatever else runs: every case is "
               "measured with free scheduling and with the server and the client pinned to one CPU (then the "
               "time is the sum of both sides' per-packet work, the most repeatable figure). `bare-twisted` is "
-              "`bench/bare_tftp.py`, a Twisted server with no session logic (one block per ACK, nothing else): "
-              "the ceiling of any TFTP server on the same reactor; `bare-epoll` is the same server as a plain "
+              "`bench/bare_tftp.py`, a server with no session logic (one block per ACK, nothing else) on zprovd's "
+              "reactor (`zprovd.reactor`): the ceiling of any TFTP server on that reactor; `bare-epoll` is the same server as a plain "
               "`select.epoll` loop, no framework: the ceiling of Python itself.", ""]
         rows = []
         for r in t["single"]:

@@ -1,8 +1,8 @@
 """TFTP: zprovd against tftpd-hpa, atftpd and dnsmasq, then many concurrent transfers.
 
 ``bare_tftp.py`` (a server with no session logic) runs the lockstep cases
-too, twice: on Twisted's reactor (``bare-twisted``: the ceiling of any TFTP
-server on zprovd's reactor) and as a plain epoll loop (``bare-epoll``: the
+too, twice: on zprovd's reactor (``bare-twisted``: the ceiling of any TFTP
+server on that reactor) and as a plain epoll loop (``bare-epoll``: the
 ceiling of Python itself).
 
 dnsmasq's TFTP server always listens on port 69, so every server runs in one
