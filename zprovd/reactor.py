@@ -50,6 +50,8 @@ class LeanEPollReactor(EPollReactor):
                 continue
             try:
                 dispatch(selectable, fd, event)
+            except KeyboardInterrupt:  # as callWithLogger: Ctrl-C still stops the process
+                raise
             except BaseException:  # _doReadOrWrite catches its callbacks' errors; this is its own
                 _log.failure("event dispatch failed for {selectable!r}", selectable=selectable)
 

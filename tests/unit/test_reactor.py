@@ -97,7 +97,8 @@ def test_udp_and_tcp_round_trips():
 
 def test_a_failing_doRead_is_logged_and_disconnects_only_its_descriptor():
     """As with Twisted's own dispatch: the error is logged, the descriptor gets
-    ``connectionLost`` and is removed, and the loop carries on for the others."""
+    ``connectionLost`` and is removed, and the loop carries on for the others,
+    also when ``connectionLost`` itself fails."""
     out = child("""
         import socket
         from zprovd import reactor as event_loop
@@ -126,20 +127,26 @@ def test_a_failing_doRead_is_logged_and_disconnects_only_its_descriptor():
             def connectionLost(self, reason):
                 self.lost = reason.type.__name__
 
-        bad, good = Reader(True), Reader(False)
-        for r in (bad, good):
+        class Worse(Reader):  # its connectionLost fails too: the error escapes Twisted's dispatch
+            def connectionLost(self, reason):
+                super().connectionLost(reason)
+                raise ValueError("broken connectionLost")
+
+        bad, good, worse = Reader(True), Reader(False), Worse(True)
+        for r in (bad, good, worse):
             reactor.addReader(r)
             r.peer.send(b"x")
         for _ in range(100):  # at most 100 turns of 50 ms
             reactor.iterate(0.05)
-            if bad.lost and good.read:
+            if bad.lost and worse.lost and good.read:
                 break
         good.peer.send(b"y")
         for _ in range(100):
             reactor.iterate(0.05)
             if good.read == b"xy":
                 break
-        print(bad.lost, bad in reactor.getReaders(), good.read.decode(), good.lost)
-        print(sum(1 for f in logged if f is not None and f.check(RuntimeError)))
+        print(bad.lost, bad in reactor.getReaders(), worse in reactor.getReaders(), good.read.decode(), good.lost)
+        print(sum(1 for f in logged if f is not None and f.check(RuntimeError)),
+              sum(1 for f in logged if f is not None and f.check(ValueError)))
     """)
-    assert out == ["RuntimeError", "False", "xy", "None", "1"]
+    assert out == ["RuntimeError", "False", "False", "xy", "None", "2", "1"]
