@@ -263,6 +263,23 @@ def cmd_user_add_account(s: Session, args) -> int:
     return EXIT_OK
 
 
+def cmd_user_remove_account(s: Session, args) -> int:
+    """Remove SIP account N; the device lines after it move up by one."""
+    user = wait(s.backend.get_user(args.login))
+    if user is None:
+        raise CommandError(f"no user {args.login}")
+    count = len(user.accounts)
+    if not 1 <= args.account <= count:
+        raise CommandError(f"user {args.login} has {count} SIP account(s), not an account {args.account}")
+    if count == 1:
+        raise CommandError(f"account {args.account} is the only SIP account of user {args.login} (remove the user instead)")
+    removed = user.accounts.pop(args.account - 1)
+    wait(s.backend.save_user(user))
+    s.out.write(f"user {args.login}: account {args.account} (sip user {removed.sip_user}) removed, "
+                f"{len(user.accounts)} SIP account(s) left\n")
+    return EXIT_OK
+
+
 def cmd_user_edit(s: Session, args) -> int:
     """Change what the options give, keep the rest (accounts, vars, devices)."""
     from dataclasses import replace
@@ -713,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sip-auth-user")
     c.add_argument("--sip-domain")
     c.add_argument("--display-name")
+    c = command(users, "remove-account", cmd_user_remove_account, "remove one SIP account of a user (the others move up)")
+    c.add_argument("login")
+    c.add_argument("--account", type=int, required=True, metavar="N", help="the account's number, as `user show` lists them")
     c = command(users, "edit", cmd_user_edit, "change a user: only what the options give (accounts, vars and devices stay)")
     c.add_argument("login")
     c.add_argument("--password", help="new provisioning password; - reads it from standard input")

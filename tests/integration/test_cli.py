@@ -206,6 +206,10 @@ def test_user_edit_changes_what_is_given_and_keeps_the_rest(tmp_path):
     (["device", "edit", "001565aabbcc", "--http-user", "u"], "--http-user and --http-password go together"),
     (["device", "edit", "001565aabbcc", "--url-key", "k", "--no-url-key"], "--no-url-key and --url-key exclude each other"),
     (["device", "edit", "001565000009", "--model", "yealink-t48g"], "no device 00:15:65:00:00:09"),
+    (["user", "remove-account", "alice", "--account", "1"], "account 1 is the only SIP account of user alice (remove the user instead)"),
+    (["user", "remove-account", "alice", "--account", "2"], "user alice has 1 SIP account(s), not an account 2"),
+    (["user", "remove-account", "alice", "--account", "0"], "user alice has 1 SIP account(s), not an account 0"),
+    (["user", "remove-account", "ghost", "--account", "1"], "no user ghost"),
 ])
 def test_edit_refusals_change_nothing(config, args, message):
     ok(config, "user", "add", "alice", "--password", "pw")
@@ -214,6 +218,24 @@ def test_edit_refusals_change_nothing(config, args, message):
     r = run_cli(config, *args)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert ok(config, "user", "show", "alice") + ok(config, "device", "show", "001565aabbcc") == before
+
+
+def test_user_remove_account_keeps_the_others_and_the_lines_move_up(config):
+    ok(config, "user", "add", "alice", "--password", "pw", "--sip-user", "100", "--sip-password", "sip-one",
+       "--var", "language=fr")
+    ok(config, "user", "add-account", "alice", "--sip-user", "200", "--sip-password", "sip-two")
+    ok(config, "user", "add-account", "alice", "--sip-user", "300", "--sip-password", "sip-three")
+    ok(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice")
+    before = ok(config, "render", "--mac", "001565aabbcc")
+    assert "account.2.password = sip-two" in before and "account.3.password = sip-three" in before
+    out = ok(config, "user", "remove-account", "alice", "--account", "2")
+    assert out == "user alice: account 2 (sip user 200) removed, 2 SIP account(s) left\n"
+    shown = ok(config, "user", "show", "alice")
+    assert "account 1:     sip user 100" in shown and "account 2:     sip user 300" in shown
+    assert "200" not in shown and "account 3" not in shown and "var:           language=fr" in shown
+    after = ok(config, "render", "--mac", "001565aabbcc")
+    assert "sip-two" not in after and "account.2.password = sip-three" in after
+    assert "account.1.password = sip-one" in after and "account.3.enable = 0" in after  # line 3 is free now
 
 
 def test_device_edit_changes_what_is_given_and_keeps_the_rest(config):
