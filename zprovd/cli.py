@@ -512,6 +512,33 @@ def cmd_device_seen(s: Session, args) -> int:
     return EXIT_OK
 
 
+def cmd_device_forget(s: Session, args) -> int:
+    """Remove phones from the `device seen` list (they come back if they ask again)."""
+    forget = getattr(s.backend, "forget_seen", None)
+    if forget is None:
+        raise CommandError(f"backend {s.config.backend.type} keeps the phones it has seen in the daemon's memory "
+                           "only: restarting the daemon clears them")
+    if args.all == bool(args.macs):
+        raise CommandError("give the MACs to forget, or --all")
+    if args.all:
+        count = wait(forget(None))
+        s.out.write(f"forgot {count} phone(s)\n")
+        return EXIT_OK
+    macs = []
+    for mac in args.macs:
+        try:
+            macs.append(normalize_mac(mac))
+        except InvalidMAC:
+            raise CommandError(f"{mac!r} is not a MAC address") from None
+    listed = {x.mac for x in wait(s.backend.list_seen())}
+    missing = [format_mac(mac, "colon") for mac in macs if mac not in listed]
+    if missing:
+        raise CommandError(f"not in the seen list: {', '.join(missing)}")
+    count = wait(forget(macs))
+    s.out.write(f"forgot {count} phone(s)\n")
+    return EXIT_OK
+
+
 def cmd_backup(s: Session, args) -> int:
     backup = getattr(s.backend, "backup", None)
     if backup is None:
@@ -774,6 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(devices, "show", cmd_device_show, "show one desk phone").add_argument("mac")
     command(devices, "remove", cmd_device_remove, "remove a desk phone").add_argument("mac")
     command(devices, "seen", cmd_device_seen, "phones that asked for a configuration but are not configured")
+    c = command(devices, "forget", cmd_device_forget, "remove phones from the `device seen` list")
+    c.add_argument("macs", nargs="*", metavar="MAC", help="in any usual spelling")
+    c.add_argument("--all", action="store_true", help="forget every phone in the list")
 
     command(sub, "import", cmd_import, "import users and devices from a CSV file (all or nothing)").add_argument("file")
 

@@ -157,6 +157,23 @@ def test_backup_of_a_backend_without_data_of_its_own_says_so(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_device_forget_on_a_backend_that_keeps_seen_phones_in_memory_says_so(tmp_path):
+    (tmp_path / "users.csv").write_text("login,password\nbob,pw\n")
+    config = free_config(tmp_path, backend='type = "csv"\npath = "users.csv"')
+    r = run_cli(config, "device", "forget", "--all")
+    assert r.returncode == 1 and "backend csv keeps the phones it has seen in the daemon's memory only" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["device", "forget"], "give the MACs to forget, or --all"),
+    (["device", "forget", "--all", "001565aabbcc"], "give the MACs to forget, or --all"),
+    (["device", "forget", "nonsense"], "'nonsense' is not a MAC address"),
+])
+def test_device_forget_refusals(config, args, message):
+    r = run_cli(config, *args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
 def _zoiper(d, login: str, password: str) -> bytes:
     import urllib.parse
     import urllib.request

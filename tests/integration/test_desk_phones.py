@@ -180,6 +180,41 @@ def test_unknown_mac_is_404_and_listed_as_seen(desk):
     assert "00:15:65:99:88:77" not in run_cli(config, "device", "seen").stdout
 
 
+def _seen_macs(config) -> list[str]:
+    return [line.split()[0] for line in run_cli(config, "device", "seen").stdout.splitlines()[1:]]
+
+
+def _wait_seen(config, macs: set[str]) -> list[str]:
+    deadline = time.monotonic() + 10  # recorded in the background, after the answer
+    while time.monotonic() < deadline:
+        seen = _seen_macs(config)
+        if macs <= set(seen):
+            break
+        time.sleep(0.2)
+    return seen
+
+
+def test_device_forget_removes_phones_from_the_seen_list(desk):
+    d, config = desk
+    for mac in ("001565112201", "001565112202", "001565112203"):
+        assert get(d, f"/provision/{mac}.cfg", "Yealink SIP-T46G 28.83.0.35")[0] == 404
+    three = {"00:15:65:11:22:01", "00:15:65:11:22:02", "00:15:65:11:22:03"}
+    assert three <= set(_wait_seen(config, three))
+    r = run_cli(config, "device", "forget", "00-15-65-11-22-01", "001565112202")
+    assert r.returncode == 0 and r.stdout == "forgot 2 phone(s)\n"
+    seen = _seen_macs(config)
+    assert "00:15:65:11:22:03" in seen and "00:15:65:11:22:01" not in seen and "00:15:65:11:22:02" not in seen
+    # One MAC not in the list: refused, nothing forgotten
+    r = run_cli(config, "device", "forget", "001565112203", "001565112201")
+    assert r.returncode == 1 and "not in the seen list: 00:15:65:11:22:01" in r.stderr
+    assert "00:15:65:11:22:03" in _seen_macs(config)
+    # A forgotten phone that asks again is back
+    assert get(d, "/provision/001565112201.cfg", "Yealink SIP-T46G 28.83.0.35")[0] == 404
+    assert "00:15:65:11:22:01" in _wait_seen(config, {"00:15:65:11:22:01"})
+    r = run_cli(config, "device", "forget", "--all")
+    assert r.returncode == 0 and r.stdout.startswith("forgot ") and _seen_macs(config) == []
+
+
 def test_model_mismatch_is_404(desk):
     d, _ = desk
     _, mac, _, _ = PHONES["yealink"]  # a Yealink asked under Grandstream's name

@@ -258,6 +258,27 @@ def test_record_seen(case: Case) -> None:
     ]
 
 
+def test_seen_is_bounded(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_SEEN phones are remembered: the least recently seen go first."""
+    monkeypatch.setattr(sys.modules[type(case.backend).__module__], "MAX_SEEN", 3)
+    for i in range(5):  # last seen at time i
+        result_of(case.backend.record_seen(SeenDevice(f"0004f2ff00{i:02x}", "", "a", "f", "u", i, i, 1)))
+    assert [s.mac for s in result_of(case.backend.list_seen())] == ["0004f2ff0004", "0004f2ff0003", "0004f2ff0002"]
+
+
+def test_forget_seen(case: Case) -> None:
+    forget = getattr(case.backend, "forget_seen", None)
+    if forget is None:
+        pytest.skip(f"{case.name} has no forget_seen (optional)")
+    for i in range(4):
+        result_of(case.backend.record_seen(SeenDevice(f"0004f2ff00{i:02x}", "", "a", "f", "u", i, i, 1)))
+    # any spelling; a MAC not in the list and a non-MAC remove nothing
+    assert result_of(forget(["00:04:F2:FF:00:01", "0004.f2ff.0003", "0004f2ff0099", "junk"])) == 2
+    assert [s.mac for s in result_of(case.backend.list_seen())] == ["0004f2ff0002", "0004f2ff0000"]
+    assert result_of(forget(None)) == 2
+    assert result_of(case.backend.list_seen()) == []
+
+
 def test_record_seen_ignores_configured_devices(case: Case) -> None:
     result_of(case.backend.record_seen(SeenDevice(
         "001565aabbcc", "", "192.0.2.20", "f", "ua", 1.0, 1.0, 1)))

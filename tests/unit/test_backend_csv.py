@@ -245,9 +245,3 @@ def test_fetches_and_seen_in_memory(backend: CSVBackend, csv_file: Path, clock: 
     assert result_of(fresh.get_device("001565aabbcc")).last_fetch is None
 
 
-def test_seen_is_bounded(backend: CSVBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(csv_backend, "MAX_SEEN", 3)
-    for i in range(5):
-        result_of(backend.record_seen(SeenDevice(f"0004f20000{i:02x}", "", "a", "f", "u", i, i, 1)))
-    assert [s.mac for s in result_of(backend.list_seen())] == [
-        "0004f2000004", "0004f2000003", "0004f2000002"]

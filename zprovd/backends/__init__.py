@@ -19,7 +19,7 @@ devices by MAC, seen phones most recent first); ``remove_*`` raise NotFound
 when absent; a user a device references cannot be removed, and a device
 cannot name an unknown user; ``save_device`` with ``last_fetch=None`` keeps
 the recorded fetch; ``record_fetch`` ignores unknown MACs and
-``record_seen`` ignores configured ones.
+``record_seen`` ignores configured ones and keeps at most ``MAX_SEEN``.
 
 See "Writing a backend" in the README.
 """
@@ -34,6 +34,10 @@ from typing import Any, Callable, Hashable, Protocol
 from twisted.internet.defer import Deferred, maybeDeferred
 
 ENTRY_POINT_GROUP = "zprovd.backends"
+
+MAX_SEEN = 10_000
+"""Not-yet-configured phones a backend remembers; beyond it the least recently
+seen are forgotten (scanners asking made-up MACs must not grow it forever)."""
 
 
 class BackendError(Exception):
@@ -192,7 +196,13 @@ class Backend(Protocol):
         """Add or update a not-yet-configured phone (count and last_seen grow)."""
 
     def list_seen(self) -> Deferred:  # -> list[SeenDevice]
-        ...
+        """At most ``MAX_SEEN``, most recently seen first."""
+
+    # optional: ``zprovd device forget``
+    def forget_seen(self, macs: list[str] | None) -> Deferred:  # -> int
+        """Remove these MACs (None: all) from the seen phones; fire with how
+        many were removed.  A backend whose seen phones live only in the
+        daemon's memory (where the CLI cannot reach them) has no such method."""
 
     # optional: ``zprovd backup``
     def backup(self, path: Path) -> Deferred:

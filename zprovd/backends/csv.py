@@ -44,6 +44,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from zprovd.backends import (
+    MAX_SEEN,
     BackendContext,
     BackendError,
     Device,
@@ -61,7 +62,6 @@ log = Logger()
 OPTIONS = ("path", "default_domain")
 HASH_ITERATIONS = 1
 CHECK_INTERVAL = 1.0
-MAX_SEEN = 10_000
 MAX_PROBLEMS_SHOWN = 5
 
 

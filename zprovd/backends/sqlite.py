@@ -49,7 +49,9 @@ Design notes:
   password can never be stored by mistake.
 * **References.**  Removing a user that devices still reference is refused
   with a BackendError listing the MACs; saving a device that references a
-  missing user is refused.  Adding a device removes its "seen" row.
+  missing user is refused.  Adding a device removes its "seen" row; at
+  most ``MAX_SEEN`` seen rows are kept (the least recently seen go first)
+  and ``forget_seen`` removes them on request (``zprovd device forget``).
 * **Errors.**  Every sqlite3 error becomes a one-line BackendError naming the
   file.  ``record_fetch`` for a MAC that is not configured does nothing.
 """
@@ -77,6 +79,7 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from zprovd.backends import (
+    MAX_SEEN,
     BackendContext,
     BackendError,
     Device,
@@ -226,6 +229,10 @@ _RECORD_SEEN = (
 _LIST_SEEN = (
     "SELECT mac, model_guess, address, file, user_agent, first_seen, last_seen, count "
     "FROM seen ORDER BY last_seen DESC, mac"
+)
+_COUNT_SEEN = "SELECT count(*) FROM seen"
+_TRIM_SEEN = (  # all but the MAX_SEEN most recently seen (LIMIT -1: no limit)
+    "DELETE FROM seen WHERE mac IN (SELECT mac FROM seen ORDER BY last_seen DESC, mac LIMIT -1 OFFSET ?)"
 )
 
 
@@ -879,10 +886,13 @@ class SQLiteBackend:
             mac = normalize_mac(seen.mac)
         except (InvalidMAC, AttributeError):
             return
-        db.execute(_RECORD_SEEN, (
-            mac, seen.model_guess or "", seen.address or "", seen.file or "",
-            seen.user_agent or "", seen.first_seen, seen.last_seen, seen.count, mac,
-        ))
+        with self._transaction(db, write=True):
+            db.execute(_RECORD_SEEN, (
+                mac, seen.model_guess or "", seen.address or "", seen.file or "",
+                seen.user_agent or "", seen.first_seen, seen.last_seen, seen.count, mac,
+            ))
+            if db.execute(_COUNT_SEEN).fetchone()[0] > MAX_SEEN:
+                db.execute(_TRIM_SEEN, (MAX_SEEN,))
 
     def list_seen(self) -> Deferred:
         """The not-yet-configured phones, most recently seen first."""
@@ -890,6 +900,22 @@ class SQLiteBackend:
 
     def _list_seen(self, db: sqlite3.Connection) -> list[SeenDevice]:
         return [SeenDevice(*row) for row in db.execute(_LIST_SEEN)]
+
+    def forget_seen(self, macs: list[str] | None) -> Deferred:
+        """Remove these MACs (any spelling; None: all) from the seen phones; fires with the count removed."""
+        return self._call(self._forget_seen, None if macs is None else list(macs))
+
+    def _forget_seen(self, db: sqlite3.Connection, macs: list[str] | None) -> int:
+        with self._transaction(db, write=True):
+            if macs is None:
+                return db.execute("DELETE FROM seen").rowcount
+            canonical = set()
+            for mac in macs:
+                try:
+                    canonical.add(normalize_mac(mac))
+                except (InvalidMAC, AttributeError):
+                    continue  # not a MAC: never seen
+            return sum(db.execute("DELETE FROM seen WHERE mac = ?", (mac,)).rowcount for mac in sorted(canonical))
 
 
 def _copy(record: User | Device | None) -> User | Device | None:
