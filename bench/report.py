@@ -198,9 +198,9 @@ def markdown(results: dict) -> str:
                          _fmt(r["MBps"], 2),
                          _fmt(r["seconds"], 3), f"{r['failures']}/{r['runs']}",
                          _ratio(r["MBps"], hpa["MBps"]) if hpa and r["server"] != "tftpd-hpa" else "",
-                         _fmt(r.get("best_MBps"), 2)])
+                         _fmt(r.get("worst_MBps"), 2), _fmt(r.get("best_MBps"), 2)])
         L += _table(["scheduling", "file", "server", "blksize", "window", "MB/s (median)", "seconds", "failed",
-                     "/ tftpd-hpa", "best MB/s"], rows) + [""]
+                     "/ tftpd-hpa", "worst MB/s", "best MB/s"], rows) + [""]
         L += ["### Concurrent 1 MiB transfers (bench/tftp_client.py, asyncio, blksize 1468, lockstep)", ""]
         L += _table(["server", "N", "ok", "failed", "time to last s", "p50 s", "p99 s", "aggregate MB/s",
                      "client retransmissions", "failure reasons"],
