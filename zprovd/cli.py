@@ -520,20 +520,18 @@ def cmd_device_forget(s: Session, args) -> int:
                            "only: restarting the daemon clears them")
     if args.all == bool(args.macs):
         raise CommandError("give the MACs to forget, or --all")
-    if args.all:
-        count = wait(forget(None))
-        s.out.write(f"forgot {count} phone(s)\n")
-        return EXIT_OK
-    macs = []
-    for mac in args.macs:
-        try:
-            macs.append(normalize_mac(mac))
-        except InvalidMAC:
-            raise CommandError(f"{mac!r} is not a MAC address") from None
-    listed = {x.mac for x in wait(s.backend.list_seen())}
-    missing = [format_mac(mac, "colon") for mac in macs if mac not in listed]
-    if missing:
-        raise CommandError(f"not in the seen list: {', '.join(missing)}")
+    macs = None  # --all
+    if not args.all:
+        macs = []
+        for mac in args.macs:
+            try:
+                macs.append(normalize_mac(mac))
+            except InvalidMAC:
+                raise CommandError(f"{mac!r} is not a MAC address") from None
+        listed = {x.mac for x in wait(s.backend.list_seen())}
+        missing = [format_mac(mac, "colon") for mac in macs if mac not in listed]
+        if missing:
+            raise CommandError(f"not in the seen list: {', '.join(missing)}")
     count = wait(forget(macs))
     s.out.write(f"forgot {count} phone(s)\n")
     return EXIT_OK

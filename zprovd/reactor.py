@@ -22,6 +22,7 @@ speed, never correctness.
 from __future__ import annotations
 
 import errno
+import sys
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -71,8 +72,6 @@ def install() -> Any:
     Twisted's default reactor.  If a reactor is already installed (an
     embedding program, a test runner), that one is returned unchanged.
     """
-    import sys
-
     if "twisted.internet.reactor" not in sys.modules and lean_dispatch_available():
         from twisted.internet.main import installReactor
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 
 from zprovd import logs
 from zprovd.metrics import Metrics
@@ -33,17 +33,20 @@ class ProvisioningSource:
     def accept_upload(self, name: str, client: tuple[str, int]) -> Deferred:
         """A write request: the name to store it under, or None (access
         violation).  The same decision as an HTTP PUT (``Provisioner.upload``)."""
-        answer = self.provisioner().upload(Request(protocol="tftp", path=name, client=client[0]))
-        d = answer if isinstance(answer, Deferred) else succeed(answer)
+        d = maybeDeferred(self.provisioner().upload, Request(protocol="tftp", path=name, client=client[0]))
         return d.addCallback(self._upload_decided, name, client[0])
 
     def _upload_decided(self, answer: Response | Upload, name: str, client: str) -> str | None:
-        response = answer if isinstance(answer, Response) else None
-        status, who = (response.status, response.who) if response else (200, answer.mac)
-        reason = response.reason if response else "upload"
-        logs.access(f'tftp {client} "WRQ {quote(self.shown_name(name), safe="/@.:-_+*")}" {status} - - '
+        if isinstance(answer, Response):
+            self._access("WRQ", name, client, answer.status, answer.who, answer.reason)
+            return None
+        self._access("WRQ", name, client, 200, answer.mac, "upload")
+        return answer.name
+
+    def _access(self, kind: str, name: str, client: str, status: int, who: str, reason: str) -> None:
+        """The access line of one RRQ or WRQ (URL keys hidden, as over HTTP)."""
+        logs.access(f'tftp {client} "{kind} {quote(self.shown_name(name), safe="/@.:-_+*")}" {status} - - '
                     f'who={quote(who, safe="@.:-_+")} "{reason or "-"}"')
-        return None if response else answer.name
 
     def shown_name(self, name: str) -> str:
         """The file name as log lines show it: URL keys hidden (``hide_segments``)."""
@@ -51,10 +54,7 @@ class ProvisioningSource:
         return hide_segments(name, hidden, percent_encoded=False) if hidden else name
 
     def _reader(self, response: Response, name: str, client: str):
-        logs.access(
-            f'tftp {client} "RRQ {quote(self.shown_name(name), safe="/@.:-_+*")}" {response.status} - - '
-            f'who={quote(response.who, safe="@.:-_+")} "{response.reason or "-"}"'
-        )
+        self._access("RRQ", name, client, response.status, response.who, response.reason)
         if self.metrics is not None:
             self.metrics.answered("tftp", response.status, len(response.body))
         if response.status == 200:

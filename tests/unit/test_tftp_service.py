@@ -464,6 +464,19 @@ def test_accept_upload_decides_each_write_request(events: list[dict[str, Any]], 
     assert no_errors_logged(events)
 
 
+def test_a_failing_upload_hook_gets_internal_error(events: list[dict[str, Any]], tmp_path: Path) -> None:
+    def accept_upload(name: str, client: tuple[str, int]) -> defer.Deferred[Any]:
+        raise RuntimeError("backend exploded")
+
+    server, net, lp = make_server(TrackingSource({}), events, upload_dir=tmp_path, accept_upload=accept_upload)
+    net.deliver(lp, WriteRequest("0004f2aabbcc-app.log").encode())
+    assert net.take() == [(lp, CLIENT, Error(ErrorCode.NOT_DEFINED, "internal error"))]
+    assert server.transfers_in_flight() == 0 and list(tmp_path.iterdir()) == []
+    assert len([e for e in events if "log_failure" in e]) == 1  # logged once, with the failure
+    net.deliver(lp, WriteRequest("0004f2aabbcc-app.log").encode())  # forgotten: asked again, answered again
+    assert net.take() == [(lp, CLIENT, Error(ErrorCode.NOT_DEFINED, "internal error"))]
+
+
 def test_upload_name_and_writer(tmp_path: Path) -> None:
     assert upload_name("0004F2AABBCC-boot.log") == "0004f2aabbcc-boot.log"
     assert upload_name("\\0004f2aabbcc-app.log") == "0004f2aabbcc-app.log"

@@ -335,13 +335,50 @@ class TFTPProtocol(DatagramProtocol):
     def _forget(self, key: Any) -> None:
         self.server._forget_request(key)
 
-    def _read_request(self, packet: ReadRequest, client: tuple[str, int], key: Any) -> None:
+    def _ask(self, hook: Callable[[str, tuple[str, int]], Any], packet: ReadRequest | WriteRequest,
+             client: tuple[str, int], key: Any, then: Callable[[Any], None]) -> None:
+        """``hook(filename, client)`` (the source, or the upload hook), then ``then(its result)``.
+
+        Meanwhile the request is pending (``stopService`` cancels it).  A failure
+        is answered here: AccessDenied with "access violation", anything else
+        with "internal error" (logged), a cancelled hook not at all.
+        """
         server = self.server
-        d = defer.maybeDeferred(server.source, packet.filename, client)  # a source that raises fails the Deferred
+        kind = "RRQ" if isinstance(packet, ReadRequest) else "WRQ"
+        d = defer.maybeDeferred(hook, packet.filename, client)  # a hook that raises fails the Deferred
         server._pending.add(d)
 
-        def got(reader: Reader | None) -> None:
+        def done(result: Any) -> Any:
             server._pending.discard(d)
+            return result
+
+        def failed(failure: Failure) -> None:
+            self._forget(key)
+            if failure.check(defer.CancelledError):
+                return
+            name = server.shown_name(packet.filename)
+            if failure.check(AccessDenied):
+                server.log.debug(
+                    "TFTP {kind} {name!r} from {client}: access denied: {why}",
+                    kind=kind,
+                    name=name,
+                    client=client,
+                    why=failure.getErrorMessage(),
+                )
+                self.reply(client, ErrorCode.ACCESS_VIOLATION, "access violation")
+                return
+            server.log.failure("TFTP {kind} {name!r} from {client}: answering it failed", failure, kind=kind, name=name,
+                               client=client)
+            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
+
+        d.addBoth(done)
+        d.addCallbacks(then, failed)
+        d.addErrback(lambda f: server.log.failure("TFTP {kind} handling failed", f, kind=kind))
+
+    def _read_request(self, packet: ReadRequest, client: tuple[str, int], key: Any) -> None:
+        server = self.server
+
+        def got(reader: Reader | None) -> None:
             name = server.shown_name(packet.filename)  # after the source: it may have learnt a secret
             if reader is None:
                 self._forget(key)
@@ -355,26 +392,7 @@ class TFTPProtocol(DatagramProtocol):
             session = ReadSession(reader, packet.options, packet.mode, server.limits)
             self._start(session, client, key, f"RRQ {name!r} ({packet.mode}) for {client[0]}:{client[1]}")
 
-        def failed(failure: Failure) -> None:
-            server._pending.discard(d)
-            self._forget(key)
-            if failure.check(defer.CancelledError):
-                return
-            name = server.shown_name(packet.filename)
-            if failure.check(AccessDenied):
-                server.log.debug(
-                    "TFTP RRQ {name!r} from {client}: access denied: {why}",
-                    name=name,
-                    client=client,
-                    why=failure.getErrorMessage(),
-                )
-                self.reply(client, ErrorCode.ACCESS_VIOLATION, "access violation")
-                return
-            server.log.failure("TFTP RRQ {name!r} from {client}: source failed", failure, name=name, client=client)
-            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
-
-        d.addCallbacks(got, failed)
-        d.addErrback(lambda f: server.log.failure("TFTP RRQ handling failed", f))
+        self._ask(server.source, packet, client, key, got)
 
     def _write_request(self, packet: WriteRequest, client: tuple[str, int], key: Any) -> None:
         server = self.server
@@ -382,26 +400,14 @@ class TFTPProtocol(DatagramProtocol):
             final = upload_name(packet.filename) if server.upload_dir is not None else None
             self._store_upload(packet, client, key, final)
             return
-        d = defer.maybeDeferred(server.accept_upload, packet.filename, client)  # a hook that raises fails the Deferred
-        server._pending.add(d)
 
         def decided(final: str | None) -> None:
-            server._pending.discard(d)
             if not server.accepting:
                 self._forget(key)
                 return
             self._store_upload(packet, client, key, final)
 
-        def failed(failure: Failure) -> None:
-            server._pending.discard(d)
-            self._forget(key)
-            if failure.check(defer.CancelledError):
-                return
-            server.log.failure("TFTP WRQ from {client}: deciding on the upload failed", failure, client=client)
-            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
-
-        d.addCallbacks(decided, failed)
-        d.addErrback(lambda f: server.log.failure("TFTP WRQ handling failed", f))
+        self._ask(server.accept_upload, packet, client, key, decided)
 
     def _store_upload(self, packet: WriteRequest, client: tuple[str, int], key: Any, final: str | None) -> None:
         """Receive the upload as ``final`` in the upload folder; None: refuse it."""
