@@ -5,7 +5,7 @@ PORT`` (on zprovd's reactor, ``zprovd.reactor``) or ``python bench/bare_tftp.py 
 PORT --epoll`` (no framework: a ``select.epoll`` loop, the least Python can
 do per datagram).
 Answers a read request (with the ``blksize`` option, else 512) from a fresh
-port connected to the client, like zprovd: one block per ACK, the file read a
+socket connected to the client and read by the reactor, like zprovd: one block per ACK, the file read a
 block at a time, no retransmission, no timers, no checks, no log.  It is
 what the same reactor costs per datagram, so zprovd's lockstep ratio to
 tftpd-hpa can be read against what any server built on Twisted gets on
@@ -28,40 +28,55 @@ reactor = event_loop.install()  # the reactor zprovd runs on
 from twisted.internet.protocol import DatagramProtocol
 
 
-class Transfer(DatagramProtocol):
+class Transfer:
+    """A socket of its own, connected to the client and read by the reactor, as zprovd's transfers."""
+
     def __init__(self, file, blksize: int, client, oack: bytes | None):
         self.file = file
         self.blksize = blksize
-        self.client = client
-        self.oack = oack
         self.block = 0
         self.last = False
-
-    def startProtocol(self):
-        self.transport.maxThroughput = 1  # one datagram per read event, as zprovd
-        self.transport.connect(*self.client)
-        if self.oack is not None:
-            self.transport.write(self.oack)  # block 0: the client ACKs it
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.setblocking(False)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.connect(client)
+        reactor.addReader(self)
+        if oack is not None:
+            self.socket.send(oack)  # block 0: the client ACKs it
         else:
             self._send_next()
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def logPrefix(self):
+        return "bare transfer"
 
     def _send_next(self):
         self.block += 1
         chunk = self.file.read(self.blksize)
         self.last = len(chunk) < self.blksize
-        self.transport.write(struct.pack("!HH", 3, self.block & 0xFFFF) + chunk)
+        self.socket.send(struct.pack("!HH", 3, self.block & 0xFFFF) + chunk)
 
-    def datagramReceived(self, data, addr):
+    def doRead(self):
+        try:
+            data = self.socket.recv(2048)
+        except BlockingIOError:
+            return
+        except OSError:  # ICMP port unreachable: the client has gone
+            self.connectionLost(None)
+            return
         if len(data) >= 4 and data[:2] == b"\x00\x04" and struct.unpack("!H", data[2:4])[0] == self.block & 0xFFFF:
             if self.last:
-                self.file.close()
-                self.transport.stopListening()
+                self.connectionLost(None)
             else:
                 self._send_next()
 
-    def connectionRefused(self):
-        self.file.close()
-        self.transport.stopListening()
+    def connectionLost(self, reason):
+        if self.socket.fileno() != -1:
+            reactor.removeReader(self)
+            self.socket.close()
+            self.file.close()
 
 
 class Listener(DatagramProtocol):
@@ -74,7 +89,7 @@ class Listener(DatagramProtocol):
             return
         name, blksize, oack = request
         file = open(self.root / name, "rb")  # noqa: SIM115 - closed by the transfer
-        reactor.listenUDP(0, Transfer(file, blksize, addr, oack), interface="127.0.0.1")
+        Transfer(file, blksize, addr, oack)
 
 
 def parse_request(data: bytes) -> tuple[str, int, bytes | None] | None:

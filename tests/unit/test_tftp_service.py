@@ -1,13 +1,18 @@
 """Unit tests for the Twisted layer of the TFTP server (zprovd.tftp.service).
 
-Most tests use a fake reactor: ``twisted.internet.task.Clock`` plus an
-in-memory ``listenUDP``, so time and the network are fully controlled.  A few
-use real loopback sockets through pytest-twisted.
+Most tests use a fake reactor: ``twisted.internet.task.Clock`` with an
+in-memory ``listenUDP`` for the listening port, and reader registration for
+the transfer sockets, which are real loopback sockets: a test's clients are
+real sockets too, and :meth:`FakeReactor.deliver` sends their datagrams and
+then reads the transfer sockets that are readable, one datagram per event
+as the reactor does.  So time is fully controlled and the transfers' I/O is
+the kernel's.  A few tests run on the real reactor through pytest-twisted.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 from pathlib import Path
 from typing import Any
@@ -16,113 +21,139 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from zprovd.tftp.packets import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest, decode
 from zprovd.tftp.service import TFTPServer
 from zprovd.uploads import UploadWriter, upload_name
 from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileReader, safe_relative_name
 
-CLIENT = ("127.0.0.1", 50000)
-OTHER = ("127.0.0.1", 50001)
-OTHER2 = ("127.0.0.1", 50002)
+
+def _client_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+# The test clients: real loopback sockets, for the whole module (each
+# FakeReactor empties them first).
+_CLIENTS = [_client_socket() for _ in range(3)]
+CLIENT, OTHER, OTHER2 = (s.getsockname() for s in _CLIENTS)
 
 
 # -- fake network -------------------------------------------------------------------
 
 
 class FakePort:
-    """A UDP port of the fake network, with Twisted's connected-port semantics.
+    """A listening UDP port of the fake network: what it sends lands in ``wire``."""
 
-    After ``connect`` the "kernel" (:meth:`FakeReactor.deliver`) drops
-    datagrams from any other address, writes must not name an address, and
-    a write to a peer marked gone reports ``connectionRefused`` (as
-    ``twisted.internet.udp.Port.write`` does on ECONNREFUSED).
-    """
-
-    maxThroughput = 256 * 1024  # as twisted.internet.udp.Port
-
-    def __init__(self, net: FakeReactor, proto: DatagramProtocol, host: str, port: int, max_packet: int):
+    def __init__(self, net: FakeReactor, proto: DatagramProtocol, host: str, port: int):
         self.net = net
         self.protocol = proto
         self.host = host
         self.port = port
-        self.max_packet = max_packet
-        self.closed = False
-        self.connected_to: tuple[str, int] | None = None
-        self.lost = False
 
-    def lose(self) -> None:
-        """What the reactor does on EPOLLERR alone (an ICMP error on a connected port)."""
-        self.closed = self.lost = True
-        del self.net.ports[self.port]
-        self.protocol.doStop()
-
-    def connect(self, host: str, port: int) -> None:
-        assert self.connected_to is None, "already connected"
-        if self.net.refuse_connect:
-            raise OSError("connect refused by the test")
-        self.connected_to = (host, port)
-
-    def write(self, datagram: bytes, addr: tuple[str, int] | None = None) -> None:
-        assert not self.closed, "write on a closed port"
-        if self.connected_to is not None:
-            assert addr in (None, self.connected_to)
-            addr = self.connected_to
-            if addr in self.net.gone:
-                self.protocol.connectionRefused()
-                return
-        assert addr is not None
+    def write(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        assert self.port in self.net.listening, "write on a closed port"
         self.net.wire.append((self.port, addr, datagram))
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", self.host, self.port)
 
-    def stopListening(self) -> defer.Deferred[None] | None:
-        if self.lost:
-            return None  # as Twisted: the port is already closed
-        assert not self.closed
-        self.closed = True
-        del self.net.ports[self.port]
+    def stopListening(self) -> defer.Deferred[None]:
+        del self.net.listening[self.port]
         self.protocol.doStop()
         return defer.succeed(None)
 
 
 class FakeReactor(Clock):
-    """A Clock with an in-memory listenUDP: datagrams land in ``wire``."""
+    """A Clock with an in-memory ``listenUDP`` and ``addReader`` for the transfer sockets."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ports: dict[int, FakePort] = {}
+        self.listening: dict[int, FakePort] = {}
+        self.readers: list[Any] = []
         self.wire: list[tuple[int, tuple[str, int], bytes]] = []  # (from port, to addr, datagram)
-        self.unreachable: list[tuple[tuple[str, int], int]] = []  # (sender, port): dropped by a connected port
-        self.gone: set[tuple[str, int]] = set()  # peers whose port is closed (ECONNREFUSED)
-        self.refuse_connect = False
-        self._next = 40000
+        self.clients = {s.getsockname(): s for s in _CLIENTS}
+        for sock in self.clients.values():
+            _drain(sock)
+
+    @property
+    def ports(self) -> dict[int, Any]:
+        """Every open port: listening (fake) and transfer (real) ones."""
+        return {**self.listening, **{r.port: r for r in self.readers}}
 
     def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
-        if port == 0:
-            self._next += 1
-            port = self._next
-        assert port not in self.ports
-        p = FakePort(self, proto, interface, port, maxPacketSize)
-        self.ports[port] = p
+        assert port != 0 and port not in self.listening
+        p = FakePort(self, proto, interface, port)
+        self.listening[port] = p
         proto.makeConnection(p)  # type: ignore[arg-type]
         return p
 
+    def addReader(self, reader: Any) -> None:
+        assert reader not in self.readers
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        if reader in self.readers:
+            self.readers.remove(reader)
+
+    def client(self) -> tuple[str, int]:
+        """One more client socket, for this test only."""
+        sock = _client_socket()
+        self.clients[sock.getsockname()] = sock
+        return sock.getsockname()
+
+    def close_client(self, addr: tuple[str, int]) -> None:
+        self.clients.pop(addr).close()
+
     def deliver(self, port: int, datagram: bytes, sender: tuple[str, int] = CLIENT) -> None:
-        target = self.ports[port]
-        if target.connected_to is not None and sender != target.connected_to:
-            self.unreachable.append((sender, port))  # the kernel drops it (ICMP port unreachable)
-            return
-        target.protocol.datagramReceived(datagram, sender)
+        """``sender`` sends ``datagram`` to ``port``; then the reactor turns until nothing is readable."""
+        if port in self.listening:
+            self.listening[port].protocol.datagramReceived(datagram, sender)
+        else:
+            self.clients[sender].sendto(datagram, ("127.0.0.1", port))
+        self.run_io()
+
+    def run_io(self) -> None:
+        """What the reactor does with readable transfer sockets: one doRead per event, level-triggered."""
+        for _ in range(1000):
+            readable, _, _ = select.select(self.readers, [], [], 0)
+            if not readable:
+                return
+            for reader in readable:
+                if reader in self.readers:
+                    reader.doRead()
+        raise AssertionError("the transfer sockets never stopped being readable")
+
+    def lose(self, port: int) -> None:
+        """What the reactor does on an error event with nothing to read."""
+        (reader,) = [r for r in self.readers if r.port == port]
+        self.removeReader(reader)
+        reader.connectionLost(Failure(ConnectionDone()))
 
     def take(self) -> list[tuple[int, tuple[str, int], Any]]:
+        """What was sent: from the listening ports first, then to each client, in order."""
         out = [(src, dst, decode(d)) for src, dst, d in self.wire]
         self.wire.clear()
+        for addr, sock in self.clients.items():
+            for datagram, (_, port) in _drain(sock):
+                out.append((port, addr, decode(datagram)))
         return out
+
+
+def _drain(sock: socket.socket) -> list[tuple[bytes, Any]]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recvfrom(65536))
+        except BlockingIOError:
+            return got
 
 
 class TrackingSource:
@@ -182,76 +213,70 @@ def test_read_transfer_from_its_own_port(events: list[dict[str, Any]]) -> None:
     assert server.retransmissions == 0
 
 
-def test_transfer_port_is_connected_and_strays_do_not_disturb(events: list[dict[str, Any]]) -> None:
+def test_transfer_socket_is_connected_and_strays_do_not_disturb(events: list[dict[str, Any]]) -> None:
     server, net, lp = make_server(TrackingSource({"f": b"y" * 1500}), events)
     net.deliver(lp, ReadRequest("f").encode())
     ((tp, _, _),) = net.take()
-    assert net.ports[tp].connected_to == CLIENT
-    assert net.ports[tp].maxThroughput == 1  # one datagram per read event
-    assert net.ports[lp].connected_to is None  # the listening port serves everyone
+    assert net.ports[tp].socket.getpeername() == CLIENT
+    stray = net.client()
     net.deliver(tp, Ack(1).encode(), sender=OTHER)
-    net.deliver(tp, Error(0, "go away").encode(), sender=("127.0.0.2", CLIENT[1]))
+    net.deliver(tp, Error(0, "go away").encode(), sender=stray)
     # The kernel drops them (ICMP port unreachable); nothing reaches the session.
-    assert net.unreachable == [(OTHER, tp), (("127.0.0.2", CLIENT[1]), tp)]
-    assert net.take() == []
-    # A stray queued before the port was connected reaches the protocol: dropped too.
-    net.ports[tp].protocol.datagramReceived(Ack(1).encode(), OTHER)
-    net.ports[tp].protocol.datagramReceived(Error(0, "go away").encode(), OTHER)
-    assert net.take() == []
+    assert net.take() == [] and server.transfers_in_flight() == 1
     net.deliver(tp, Ack(1).encode())
     assert net.take() == [(tp, CLIENT, Data(2, b"y" * 512))]
-    assert server.transfers_in_flight() == 1
+    assert server.transfers_in_flight() == 1 and server.retransmissions == 0
 
 
-def test_unconnected_fallback_answers_wrong_tid_with_error_5(events: list[dict[str, Any]]) -> None:
-    server, net, lp = make_server(TrackingSource({"f": b"y" * 1500}), events)
-    net.refuse_connect = True
-    net.deliver(lp, ReadRequest("f").encode())
-    ((tp, _, _),) = net.take()
-    assert net.ports[tp].connected_to is None
-    net.deliver(tp, Ack(1).encode(), sender=OTHER)
-    net.deliver(tp, Ack(1).encode(), sender=("127.0.0.2", CLIENT[1]))
-    assert net.take() == [
-        (tp, OTHER, Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")),
-        (tp, ("127.0.0.2", CLIENT[1]), Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")),
-    ]
-    net.deliver(tp, Error(5, "x").encode(), sender=OTHER)  # never answer an ERROR
-    assert net.take() == []
-    net.deliver(tp, Ack(1).encode())
-    assert net.take() == [(tp, CLIENT, Data(2, b"y" * 512))]
-    net.deliver(tp, Ack(2).encode())
-    net.deliver(tp, Ack(3).encode())
-    assert net.take() == [(tp, CLIENT, Data(3, b"y" * 476))]
-    assert server.transfers_in_flight() == 0 and no_errors_logged(events)
+@pytest.mark.parametrize("sender", [("255.255.255.255", 5000), ("127.0.0.1", 0)])
+def test_a_client_that_cannot_be_answered_gets_silence(events: list[dict[str, Any]], sender: tuple[str, int]) -> None:
+    source = TrackingSource({"f": b"y" * 1500})
+    server, net, lp = make_server(source, events)
+    net.deliver(lp, ReadRequest("f").encode(), sender=sender)
+    assert net.take() == [] and server.transfers_in_flight() == 0 and list(net.ports) == [lp]
+    assert all(r.closed for r in source.readers)
+    assert no_errors_logged(events)
+    net.deliver(lp, ReadRequest("f").encode())  # the server goes on serving
+    ((tp, _, pkt),) = net.take()
+    assert pkt == Data(1, b"y" * 512)
 
 
 def test_client_gone_ends_the_transfer_quietly(events: list[dict[str, Any]]) -> None:
-    """ECONNREFUSED (ICMP port unreachable on a connected port) ends the transfer."""
+    """ECONNREFUSED (ICMP port unreachable on a connected socket) ends the transfer."""
     source = TrackingSource({"f": bytes(5000), "g": bytes(5000)})
     server, net, lp = make_server(source, events)
-    net.deliver(lp, ReadRequest("f").encode())
+    # Reported by a read: the client's ACK is read, DATA 2 finds its port
+    # closed, and the socket is readable with the error.
+    first = net.client()
+    net.deliver(lp, ReadRequest("f").encode(), sender=first)
     ((tp, _, _),) = net.take()
-    # Reported while reading (Twisted's doRead calls connectionRefused).
-    net.ports[tp].protocol.connectionRefused()
+    net.clients[first].sendto(Ack(1).encode(), ("127.0.0.1", tp))
+    net.close_client(first)
+    net.run_io()
     assert server.transfers_in_flight() == 0 and tp not in net.ports
     assert source.readers[0].closed
-    assert net.take() == []  # no ERROR to a closed port
-    # Reported by a write: the transfer ends in the middle of sending.
-    net.deliver(lp, ReadRequest("g").encode(), sender=OTHER)
-    ((tp2, _, _),) = net.take()
-    net.gone.add(OTHER)
-    net.deliver(tp2, Ack(1).encode(), sender=OTHER)
+    # Reported by a send: a window of two, sent again after the client
+    # closed; the first DATA draws the ICMP error, the second's send fails.
+    second = net.client()
+    net.deliver(lp, ReadRequest("g", "octet", {"windowsize": "2"}).encode(), sender=second)
+    ((tp2, _, oack),) = net.take()
+    assert oack == OptionAck({"windowsize": "2"})
+    net.deliver(tp2, Ack(0).encode(), sender=second)
+    assert [p.block for _, _, p in net.take()] == [1, 2]
+    net.close_client(second)
+    net.advance(1.0)  # the timeout: both again
     assert server.transfers_in_flight() == 0 and tp2 not in net.ports
-    assert source.readers[1].closed
-    # The reactor closes the port (EPOLLERR without a datagram to read).
+    assert source.readers[1].closed and server.retransmissions == 1
+    # The reactor reports an error event with nothing to read.
     net.deliver(lp, ReadRequest("f").encode(), sender=OTHER2)
     ((tp3, _, _),) = net.take()
-    net.ports[tp3].lose()
+    net.lose(tp3)
     assert server.transfers_in_flight() == 0 and source.readers[2].closed
     assert net.take() == [] and net.getDelayedCalls() == []
-    assert server.retransmissions == 0
     assert no_errors_logged(events) and not any("log_failure" in e for e in events)
-    assert any("port unreachable" in str(e.get("error")) for e in events)
+    ended = [str(e.get("error")) for e in events if "ended after" in e.get("log_format", "")]
+    assert ended[:2] == ["the client's port is closed (ICMP port unreachable)"] * 2
+    assert ended[2] == "the reactor dropped the transfer socket"
 
 
 def test_retransmission_on_time_with_the_lazy_timer(events: list[dict[str, Any]]) -> None:
@@ -447,10 +472,10 @@ def test_accept_upload_decides_each_write_request(events: list[dict[str, Any]], 
 
     server, net, lp = make_server(TrackingSource({}), events, upload_dir=tmp_path, accept_upload=accept_upload)
     net.deliver(lp, WriteRequest("key/0004f2aabbcc-app.log").encode())
-    net.deliver(lp, WriteRequest("other.log", "octet").encode(), sender=("127.0.0.1", 50001))
+    net.deliver(lp, WriteRequest("other.log", "octet").encode(), sender=OTHER)
     assert net.take() == [] and [n for n, _ in decisions] == ["key/0004f2aabbcc-app.log", "other.log"]
     decisions[1][1].callback(None)
-    assert net.take() == [(lp, ("127.0.0.1", 50001), Error(ErrorCode.ACCESS_VIOLATION, "access violation"))]
+    assert net.take() == [(lp, OTHER, Error(ErrorCode.ACCESS_VIOLATION, "access violation"))]
     decisions[0][1].callback("0004f2aabbcc-app.log")
     ((tp, _, pkt),) = net.take()
     assert pkt == Ack(0)
@@ -458,7 +483,7 @@ def test_accept_upload_decides_each_write_request(events: list[dict[str, Any]], 
     assert net.take() == [(tp, CLIENT, Ack(1))]
     assert (tmp_path / "0004f2aabbcc-app.log").read_bytes() == b"log"
     # A decision still pending when the server stops is cancelled.
-    net.deliver(lp, WriteRequest("0004f2aabbcc-boot.log").encode(), sender=("127.0.0.1", 50002))
+    net.deliver(lp, WriteRequest("0004f2aabbcc-boot.log").encode(), sender=OTHER2)
     server.stopService()
     assert decisions[-1][1].called and net.take() == []
     assert no_errors_logged(events)
@@ -723,6 +748,44 @@ def test_client_going_away_ends_the_transfer_over_real_sockets() -> Any:
         assert server.retransmissions == 0
         assert any("port unreachable" in str(e.get("error")) for e in events)
         assert no_errors_logged(events) and not any("log_failure" in e for e in events)
+    finally:
+        client.close()
+        yield server.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failing_session_ends_its_transfer_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a session: the reactor logs it and drops that socket; the transfer ends, the server goes on."""
+    from zprovd.tftp import session as tftp_session
+
+    events: list[dict[str, Any]] = []
+    source = TrackingSource({"f": bytes(5000), "g": bytes(100)})
+    server = TFTPServer([("127.0.0.1", 0)], source, shutdown_timeout=1, log=Logger(observer=events.append))
+    server.startService()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    try:
+        client.bind(("127.0.0.1", 0))
+        client.sendto(ReadRequest("f").encode(), server.listening_ports()[0])
+        data, tid = yield _receive(client)
+        assert decode(data) == Data(1, bytes(512))
+
+        def broken(self: Any, datagram: bytes, now: float) -> Any:
+            raise RuntimeError("a bug in the session")
+
+        with monkeypatch.context() as m:
+            m.setattr(tftp_session.ReadSession, "receive", broken)
+            client.sendto(Ack(1).encode(), tid)
+            for _ in range(250):
+                if server.transfers_in_flight() == 0:
+                    break
+                yield _sleep(0.02)
+        assert server.transfers_in_flight() == 0 and source.readers[0].closed
+        ended = [str(e.get("error")) for e in events if "ended after" in e.get("log_format", "")]
+        assert ended == ["the reactor dropped the transfer socket"]
+        client.sendto(ReadRequest("g").encode(), server.listening_ports()[0])
+        data, _ = yield _receive(client)
+        assert decode(data) == Data(1, bytes(100))
     finally:
         client.close()
         yield server.stopService()
