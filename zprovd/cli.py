@@ -230,52 +230,88 @@ def _read_secrets(args, *names: str) -> None:
         setattr(args, name, value)
 
 
+def _update_user(s: Session, login: str, change: Callable[[User | None], User]) -> User:
+    """Save ``change(the user or None)``; with a backend that has ``update_user``,
+    no other edit of that user can come in between (and be undone)."""
+    update = getattr(s.backend, "update_user", None)
+    if update is not None:
+        return wait(update(login, change))
+    user = change(wait(s.backend.get_user(login)))
+    wait(s.backend.save_user(user))
+    return user
+
+
+def _update_device(s: Session, mac: str, change: Callable[[Device | None], Device]) -> Device:
+    """As :func:`_update_user`, for a device."""
+    update = getattr(s.backend, "update_device", None)
+    if update is not None:
+        return wait(update(mac, change))
+    device = change(wait(s.backend.get_device(mac)))
+    wait(s.backend.save_device(device))
+    return device
+
+
+def _require(record: Any, what: str) -> Any:
+    """``record``, or CommandError "no ``what``" when it is None."""
+    if record is None:
+        raise CommandError(f"no {what}")
+    return record
+
+
 def cmd_user_add(s: Session, args) -> int:
     _read_secrets(args, "password", "sip_password")
     if not args.login or any(c.isspace() for c in args.login):
         raise CommandError(f"login {args.login!r} must be non-empty and contain no spaces")
     if not args.password:
         raise CommandError("--password must not be empty")
-    existing = wait(s.backend.get_user(args.login))
-    if existing is not None and not args.replace:
-        raise CommandError(f"user {args.login} exists (use --replace to overwrite it)")
-    wait(s.backend.save_user(_new_user(s, args)))
+    new = _new_user(s, args)  # (hashing the password takes a while: not while saving)
+
+    def add(existing: User | None) -> User:
+        if existing is not None and not args.replace:
+            raise CommandError(f"user {args.login} exists (use --replace to overwrite it)")
+        return new
+
+    _update_user(s, args.login, add)
     s.out.write(f"user {args.login} saved\n")
     return EXIT_OK
 
 
 def cmd_user_add_account(s: Session, args) -> int:
     _read_secrets(args, "sip_password")
-    user = wait(s.backend.get_user(args.login))
-    if user is None:
-        raise CommandError(f"no user {args.login}")
-    user.accounts.append(
-        SipAccount(
-            sip_user=args.sip_user,
-            sip_password=args.sip_password,
-            sip_domain=args.sip_domain or s.config.provisioning.server,
-            sip_auth_user=args.sip_auth_user or "",
-            display_name=args.display_name or "",
-        )
+    account = SipAccount(
+        sip_user=args.sip_user,
+        sip_password=args.sip_password,
+        sip_domain=args.sip_domain or s.config.provisioning.server,
+        sip_auth_user=args.sip_auth_user or "",
+        display_name=args.display_name or "",
     )
-    wait(s.backend.save_user(user))
+
+    def add_account(current: User | None) -> User:
+        user = _require(current, f"user {args.login}")
+        user.accounts.append(account)
+        return user
+
+    user = _update_user(s, args.login, add_account)
     s.out.write(f"user {args.login} now has {len(user.accounts)} SIP accounts\n")
     return EXIT_OK
 
 
 def cmd_user_remove_account(s: Session, args) -> int:
     """Remove SIP account N; the device lines after it move up by one."""
-    user = wait(s.backend.get_user(args.login))
-    if user is None:
-        raise CommandError(f"no user {args.login}")
-    count = len(user.accounts)
-    if not 1 <= args.account <= count:
-        raise CommandError(f"user {args.login} has {count} SIP account(s), not an account {args.account}")
-    if count == 1:
-        raise CommandError(f"account {args.account} is the only SIP account of user {args.login} (remove the user instead)")
-    removed = user.accounts.pop(args.account - 1)
-    wait(s.backend.save_user(user))
-    s.out.write(f"user {args.login}: account {args.account} (sip user {removed.sip_user}) removed, "
+    removed: list[SipAccount] = []
+
+    def remove_account(current: User | None) -> User:
+        user = _require(current, f"user {args.login}")
+        count = len(user.accounts)
+        if not 1 <= args.account <= count:
+            raise CommandError(f"user {args.login} has {count} SIP account(s), not an account {args.account}")
+        if count == 1:
+            raise CommandError(f"account {args.account} is the only SIP account of user {args.login} (remove the user instead)")
+        removed[:] = [user.accounts.pop(args.account - 1)]
+        return user
+
+    user = _update_user(s, args.login, remove_account)
+    s.out.write(f"user {args.login}: account {args.account} (sip user {removed[0].sip_user}) removed, "
                 f"{len(user.accounts)} SIP account(s) left\n")
     return EXIT_OK
 
@@ -287,41 +323,45 @@ def cmd_user_edit(s: Session, args) -> int:
     from zprovd.passwords import hash_password
 
     _read_secrets(args, "password", "sip_password")
-    user = wait(s.backend.get_user(args.login))
-    if user is None:
-        raise CommandError(f"no user {args.login}")
-    sip = {name: getattr(args, name) for name in ("sip_user", "sip_auth_user", "sip_password", "sip_domain")}
-    sip = {name: value for name, value in sip.items() if value is not None}
-    for name, value in sip.items():
-        if not value and name != "sip_auth_user":  # an empty auth user: the SIP user again
-            raise CommandError(f"--{name.replace('_', '-')} must not be empty")
-    if args.password is not None:
-        if not args.password:
-            raise CommandError("--password must not be empty")
-        user.password_hash = hash_password(args.password)
-    if args.account is not None or sip:
-        number = args.account or 1
-        if not 1 <= number <= len(user.accounts):
-            raise CommandError(f"user {args.login} has {len(user.accounts)} SIP account(s), not an account {number}")
-        user.accounts[number - 1] = replace(user.accounts[number - 1], **sip)
-    if args.display_name is not None:
-        if args.account is not None:
-            user.accounts[args.account - 1] = replace(user.accounts[args.account - 1], display_name=args.display_name)
-        else:
-            # Accounts showing the user's name (``user add`` copies it to the
-            # first one) go on showing it.
-            old = user.display_name
-            user.display_name = args.display_name
-            user.accounts = [replace(a, display_name=args.display_name) if a.display_name == old else a
-                             for a in user.accounts]
-    for key in args.unset_var or []:
-        if key not in user.vars:
-            raise CommandError(f"--unset-var {key}: the user has no such var")
-        del user.vars[key]
-    user.vars.update(_vars(args.var))
-    if args.password is None and not sip and args.display_name is None and not args.var and not args.unset_var:
-        raise CommandError("nothing to change (see `zprovd user edit --help`)")
-    wait(s.backend.save_user(user))
+    # (hashing the password takes a while: before the change, not while saving it)
+    password_hash = hash_password(args.password) if args.password else None
+
+    def edit(current: User | None) -> User:
+        user = _require(current, f"user {args.login}")
+        sip = {name: getattr(args, name) for name in ("sip_user", "sip_auth_user", "sip_password", "sip_domain")}
+        sip = {name: value for name, value in sip.items() if value is not None}
+        for name, value in sip.items():
+            if not value and name != "sip_auth_user":  # an empty auth user: the SIP user again
+                raise CommandError(f"--{name.replace('_', '-')} must not be empty")
+        if args.password is not None:
+            if not password_hash:
+                raise CommandError("--password must not be empty")
+            user.password_hash = password_hash
+        if args.account is not None or sip:
+            number = args.account or 1
+            if not 1 <= number <= len(user.accounts):
+                raise CommandError(f"user {args.login} has {len(user.accounts)} SIP account(s), not an account {number}")
+            user.accounts[number - 1] = replace(user.accounts[number - 1], **sip)
+        if args.display_name is not None:
+            if args.account is not None:
+                user.accounts[args.account - 1] = replace(user.accounts[args.account - 1], display_name=args.display_name)
+            else:
+                # Accounts showing the user's name (``user add`` copies it to the
+                # first one) go on showing it.
+                old = user.display_name
+                user.display_name = args.display_name
+                user.accounts = [replace(a, display_name=args.display_name) if a.display_name == old else a
+                                 for a in user.accounts]
+        for key in args.unset_var or []:
+            if key not in user.vars:
+                raise CommandError(f"--unset-var {key}: the user has no such var")
+            del user.vars[key]
+        user.vars.update(_vars(args.var))
+        if args.password is None and not sip and args.display_name is None and not args.var and not args.unset_var:
+            raise CommandError("nothing to change (see `zprovd user edit --help`)")
+        return user
+
+    _update_user(s, args.login, edit)
     s.out.write(f"user {args.login} saved\n")
     return EXIT_OK
 
@@ -417,11 +457,13 @@ def cmd_device_add(s: Session, args) -> int:
     mac = _mac(args.mac)
     model = _check_model(s, args.model)
     _check_users(s, args.user or [])
-    existing = wait(s.backend.get_device(mac))
-    if existing is not None and not args.replace:
-        raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
-    variables = _device_vars(args, {})
-    wait(s.backend.save_device(Device(mac=mac, model=model, users=list(args.user or []), vars=variables)))
+
+    def add(existing: Device | None) -> Device:
+        if existing is not None and not args.replace:
+            raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
+        return Device(mac=mac, model=model, users=list(args.user or []), vars=_device_vars(args, {}))
+
+    _update_device(s, mac, add)
     s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
     return EXIT_OK
 
@@ -435,23 +477,27 @@ def cmd_device_edit(s: Session, args) -> int:
         raise CommandError("--no-url-key and --url-key exclude each other")
     if args.no_user and args.user:
         raise CommandError("--no-user and --user exclude each other")
-    device = wait(s.backend.get_device(mac))
-    if device is None:
-        raise CommandError(f"no device {format_mac(mac, 'colon')}")
-    if args.model is not None:
-        device.model = _check_model(s, args.model)
+    model = _check_model(s, args.model) if args.model is not None else None
     if args.user:
         _check_users(s, args.user)
-        device.users = list(args.user)
-    elif args.no_user:
-        device.users = []
-    variables = _device_vars(args, device.vars)
-    changes = (args.model, args.user, args.no_user, args.var, args.unset_var, args.http_user,
-               args.no_http_auth, args.url_key, args.no_url_key)
-    if not any(changes):
-        raise CommandError("nothing to change (see `zprovd device edit --help`)")
-    device.vars = variables
-    wait(s.backend.save_device(device))
+
+    def edit(device: Device | None) -> Device:
+        device = _require(device, f"device {format_mac(mac, 'colon')}")
+        if model is not None:
+            device.model = model
+        if args.user:
+            device.users = list(args.user)
+        elif args.no_user:
+            device.users = []
+        variables = _device_vars(args, device.vars)
+        changes = (args.model, args.user, args.no_user, args.var, args.unset_var, args.http_user,
+                   args.no_http_auth, args.url_key, args.no_url_key)
+        if not any(changes):
+            raise CommandError("nothing to change (see `zprovd device edit --help`)")
+        device.vars = variables
+        return device
+
+    _update_device(s, mac, edit)
     s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
     return EXIT_OK
 

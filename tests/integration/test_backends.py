@@ -34,6 +34,25 @@ def test_third_party_backend_is_found_through_its_entry_point(tmp_path, dummy_en
     assert "alice_pasword: unknown option for the dummy backend" in r.stderr
 
 
+def test_cli_edits_on_a_backend_without_update_methods(tmp_path, dummy_env):
+    """update_user/update_device are optional: the CLI then reads, changes and saves."""
+    config = free_config(tmp_path, backend='type = "dummy"')
+    for args, out in [
+        (["user", "edit", "alice", "--display-name", "Alice L."], "user alice saved"),
+        (["user", "add-account", "alice", "--sip-user", "202", "--sip-password", "pw"], "user alice now has 2 SIP accounts"),
+        (["device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice"], "device 00:15:65:aa:bb:cc saved"),
+    ]:
+        r = run_cli(config, *args, env=dummy_env)
+        assert r.returncode == 0 and out in r.stdout, r.stderr
+    for args, message in [
+        (["user", "edit", "ghost", "--password", "x"], "no user ghost"),
+        (["user", "add", "alice", "--password", "x"], "user alice exists (use --replace to overwrite it)"),
+        (["device", "edit", "001565aabbcc", "--var", "a=b"], "no device 00:15:65:aa:bb:cc"),  # in memory: gone
+    ]:
+        r = run_cli(config, *args, env=dummy_env)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_unknown_backend_type_is_one_clear_line(tmp_path):
     config = free_config(tmp_path, backend='type = "ldap"')
     r = run_cli(config, "run")

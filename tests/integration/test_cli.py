@@ -209,6 +209,22 @@ def test_user_edit_changes_what_is_given_and_keeps_the_rest(tmp_path):
         d.stop()
 
 
+def test_edits_at_the_same_moment_are_all_kept(config):
+    """Eight `user edit` and eight `device edit` processes at once: every change lands."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ok(config, "user", "add", "alice", "--password", "pw")
+    ok(config, "device", "add", "001565aabbcc", "--model", "yealink-t48g", "--user", "alice")
+    edits = [["user", "edit", "alice", "--var", f"u{i}={i}"] for i in range(8)]
+    edits += [["device", "edit", "001565aabbcc", "--var", f"d{i}={i}"] for i in range(8)]
+    with ThreadPoolExecutor(len(edits)) as pool:
+        results = list(pool.map(lambda args: run_cli(config, *args), edits))
+    assert [r.returncode for r in results] == [0] * len(edits), [r.stderr for r in results if r.returncode]
+    user, device = ok(config, "user", "show", "alice"), ok(config, "device", "show", "001565aabbcc")
+    assert all(f"u{i}={i}" in user for i in range(8)), user
+    assert all(f"d{i}={i}" in device for i in range(8)), device
+
+
 @pytest.mark.parametrize("args,message", [
     (["user", "edit", "alice"], "nothing to change (see `zprovd user edit --help`)"),
     (["user", "edit", "alice", "--account", "2", "--sip-user", "x"], "user alice has 1 SIP account(s), not an account 2"),

@@ -389,3 +389,97 @@ def test_import_is_all_or_nothing(writable: Backend) -> None:
     result_of(writable.import_records(users, devices[:1]))
     assert result_of(writable.get_device("001565000010")).users == ["erin"]
     assert result_of(writable.get_user("alice")).display_name == "Changed"
+
+
+# ---- updates that a concurrent edit cannot undo (optional) -----------------------------
+
+
+def _update_methods(backend: Backend) -> tuple[Any, Any]:
+    update_user = getattr(backend, "update_user", None)
+    update_device = getattr(backend, "update_device", None)
+    if update_user is None or update_device is None:
+        pytest.skip(f"{type(backend).__name__} has no update_user/update_device (optional)")
+    return update_user, update_device
+
+
+def test_update_saves_the_changed_record(writable: Backend) -> None:
+    update_user, update_device = _update_methods(writable)
+    seen: list[Any] = []
+
+    def add_var(user: User | None) -> User:
+        seen.append(user)
+        assert user is not None
+        user.vars["floor"] = "3"
+        return user
+
+    saved = result_of(update_user("alice", add_var))
+    assert saved.vars["floor"] == "3" and seen[0].login == "alice"
+    alice = result_of(writable.get_user("alice"))
+    assert alice.vars["floor"] == "3" and [a.sip_user for a in alice.accounts] == ["201", "202"]
+    # absent: the change gets None and may create the record
+    created = result_of(update_user("dave", lambda user: user or User("dave", cheap_hash("d"), "Dave")))
+    assert created.login == "dave" and result_of(writable.get_user("dave")).display_name == "Dave"
+
+    def move(device: Device | None) -> Device:
+        assert device is not None and device.mac == "001565aabbcc"
+        device.users = ["carol"]
+        return device
+
+    result_of(update_device("00:15:65:AA:BB:CC", move))  # any spelling
+    assert result_of(writable.get_device("001565aabbcc")).users == ["carol"]
+    new = result_of(update_device("001565000020", lambda d: d or Device("001565000020", "yealink-t54w", ["bob"])))
+    assert new.mac == "001565000020" and result_of(writable.get_device("001565000020")).users == ["bob"]
+
+
+def test_a_failing_update_saves_nothing(writable: Backend) -> None:
+    update_user, update_device = _update_methods(writable)
+
+    def half_done(user: User | None) -> User:
+        assert user is not None
+        user.display_name = "Half"
+        raise ValueError("changed my mind")
+
+    with pytest.raises(ValueError, match="changed my mind"):
+        result_of(update_user("alice", half_done))
+    assert result_of(writable.get_user("alice")).display_name == "Alice"
+    with pytest.raises(BackendError, match="ghost"):  # the backend's own refusal
+        result_of(update_device("001565aabbcc", lambda d: Device(d.mac, d.model, ["ghost"]) if d else d))
+    assert result_of(writable.get_device("001565aabbcc")).users == ["alice", "bob"]
+
+
+def test_concurrent_updates_are_not_lost(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Two backends on one database (two CLI processes): an update that starts while
+    another is between its read and its save waits for it, and keeps its change."""
+    import threading
+
+    first = open_case("sqlite", request, tmp_path).backend
+    context = BackendContext(state_dir=tmp_path / "state", config_dir=tmp_path / "etc", run_blocking=run_inline)
+    second = create_backend("sqlite", {}, context)
+    result_of(second.open())
+    request.addfinalizer(lambda: result_of(second.close()))
+    outcome: list[Any] = []
+
+    def second_edit() -> None:
+        def add_b(user: User | None) -> User:
+            assert user is not None
+            user.vars["b"] = "2"
+            return user
+
+        try:
+            outcome.append(result_of(second.update_user("alice", add_b)))  # type: ignore[attr-defined]
+        except BaseException as e:  # reported by the assertion below
+            outcome.append(e)
+
+    thread = threading.Thread(target=second_edit)
+
+    def add_a(user: User | None) -> User:
+        assert user is not None
+        thread.start()  # the other edit starts between this one's read and its save
+        thread.join(0.5)  # bounded: it must wait for this one (and so is still running)
+        user.vars["a"] = "1"
+        return user
+
+    result_of(first.update_user("alice", add_a))  # type: ignore[attr-defined]
+    thread.join(10)
+    assert not thread.is_alive() and len(outcome) == 1 and isinstance(outcome[0], User), outcome
+    assert {k: v for k, v in result_of(first.get_user("alice")).vars.items() if k in "ab"} == {"a": "1", "b": "2"}

@@ -189,6 +189,17 @@ class Backend(Protocol):
     def import_records(self, users: list[User], devices: list[Device]) -> Deferred:
         """Save all of them, or (on any error) none."""
 
+    # optional: CLI edits that a concurrent edit cannot undo
+    def update_user(self, login: str, change: Callable[[User | None], User]) -> Deferred:  # -> User
+        """Read the user (None if absent), save ``change(user)`` and fire with
+        it, as one step: no other change to that user can come in between.
+        If ``change`` raises, nothing is saved and the Deferred fails with
+        that error.  Without this method the CLI reads, then saves, and of
+        two edits of one user at the same moment the last one wins."""
+
+    def update_device(self, mac: str, change: Callable[[Device | None], Device]) -> Deferred:  # -> Device
+        """The same for a device (``mac`` in any spelling)."""
+
     # what the daemon learns from requests
     def record_fetch(self, mac: str, fetch: Fetch) -> Deferred: ...
 

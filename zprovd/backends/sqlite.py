@@ -547,11 +547,13 @@ class SQLiteBackend:
 
     def _get_user(self, db: sqlite3.Connection, login: str) -> User | None:
         with self._transaction(db, write=False):
-            row = db.execute(_GET_USER, (login,)).fetchone()
-            if row is None:
-                return None
-            accounts = db.execute(_GET_ACCOUNTS, (login,)).fetchall()
-        return self._user(row, accounts)
+            return self._read_user(db, login)
+
+    def _read_user(self, db: sqlite3.Connection, login: str) -> User | None:
+        row = db.execute(_GET_USER, (login,)).fetchone()
+        if row is None:
+            return None
+        return self._user(row, db.execute(_GET_ACCOUNTS, (login,)).fetchall())
 
     def get_device(self, mac: str) -> Deferred:
         """The device (``mac`` in any spelling), or None."""
@@ -567,11 +569,13 @@ class SQLiteBackend:
         except (InvalidMAC, AttributeError):
             return None
         with self._transaction(db, write=False):
-            row = db.execute(_GET_DEVICE, (mac,)).fetchone()
-            if row is None:
-                return None
-            logins = [login for (login,) in db.execute(_GET_DEVICE_USERS, (mac,))]
-        return self._device(row, logins)
+            return self._read_device(db, mac)
+
+    def _read_device(self, db: sqlite3.Connection, mac: str) -> Device | None:
+        row = db.execute(_GET_DEVICE, (mac,)).fetchone()
+        if row is None:
+            return None
+        return self._device(row, [login for (login,) in db.execute(_GET_DEVICE_USERS, (mac,))])
 
     def list_users(self) -> Deferred:
         """Every user, by login."""
@@ -688,6 +692,28 @@ class SQLiteBackend:
     def import_records(self, users: list[User], devices: list[Device]) -> Deferred:
         """Save the users, then the devices, in one transaction: all or nothing."""
         return self._call(self._write, self._import, users, devices)
+
+    def update_user(self, login: str, change: Callable[[User | None], User]) -> Deferred:
+        """Save ``change(the user or None)`` in the write transaction that read it (see Backend)."""
+        return self._call(self._write, self._update_user, login, change)
+
+    def _update_user(self, db: sqlite3.Connection, login: str, change: Callable[[User | None], User]) -> User:
+        user = change(self._read_user(db, login))
+        self._save_user(db, user)
+        return user
+
+    def update_device(self, mac: str, change: Callable[[Device | None], Device]) -> Deferred:
+        """Save ``change(the device or None)`` in the write transaction that read it (see Backend)."""
+        return self._call(self._write, self._update_device, mac, change)
+
+    def _update_device(self, db: sqlite3.Connection, mac: str, change: Callable[[Device | None], Device]) -> Device:
+        try:
+            current = self._read_device(db, normalize_mac(mac))
+        except (InvalidMAC, AttributeError):
+            current = None
+        device = change(current)
+        self._save_device(db, device)
+        return device
 
     def _write(self, db: sqlite3.Connection, function: Callable[..., Any], *args: Any) -> Any:
         with self._transaction(db, write=True):
