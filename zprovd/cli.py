@@ -230,25 +230,16 @@ def _read_secrets(args, *names: str) -> None:
         setattr(args, name, value)
 
 
-def _update_user(s: Session, login: str, change: Callable[[User | None], User]) -> User:
-    """Save ``change(the user or None)``; with a backend that has ``update_user``,
-    no other edit of that user can come in between (and be undone)."""
-    update = getattr(s.backend, "update_user", None)
+def _update(s: Session, kind: str, key: str, change: Callable[[Any], Any]) -> Any:
+    """Save ``change(the record or None)`` of a ``kind`` ("user" or "device");
+    with a backend that has ``update_<kind>``, no other edit of that record
+    can come in between (and be undone), else it is read, then saved."""
+    update = getattr(s.backend, f"update_{kind}", None)
     if update is not None:
-        return wait(update(login, change))
-    user = change(wait(s.backend.get_user(login)))
-    wait(s.backend.save_user(user))
-    return user
-
-
-def _update_device(s: Session, mac: str, change: Callable[[Device | None], Device]) -> Device:
-    """As :func:`_update_user`, for a device."""
-    update = getattr(s.backend, "update_device", None)
-    if update is not None:
-        return wait(update(mac, change))
-    device = change(wait(s.backend.get_device(mac)))
-    wait(s.backend.save_device(device))
-    return device
+        return wait(update(key, change))
+    record = change(wait(getattr(s.backend, f"get_{kind}")(key)))
+    wait(getattr(s.backend, f"save_{kind}")(record))
+    return record
 
 
 def _require(record: Any, what: str) -> Any:
@@ -271,7 +262,7 @@ def cmd_user_add(s: Session, args) -> int:
             raise CommandError(f"user {args.login} exists (use --replace to overwrite it)")
         return new
 
-    _update_user(s, args.login, add)
+    _update(s, "user", args.login, add)
     s.out.write(f"user {args.login} saved\n")
     return EXIT_OK
 
@@ -291,7 +282,7 @@ def cmd_user_add_account(s: Session, args) -> int:
         user.accounts.append(account)
         return user
 
-    user = _update_user(s, args.login, add_account)
+    user = _update(s, "user", args.login, add_account)
     s.out.write(f"user {args.login} now has {len(user.accounts)} SIP accounts\n")
     return EXIT_OK
 
@@ -310,7 +301,7 @@ def cmd_user_remove_account(s: Session, args) -> int:
         removed[:] = [user.accounts.pop(args.account - 1)]
         return user
 
-    user = _update_user(s, args.login, remove_account)
+    user = _update(s, "user", args.login, remove_account)
     s.out.write(f"user {args.login}: account {args.account} (sip user {removed[0].sip_user}) removed, "
                 f"{len(user.accounts)} SIP account(s) left\n")
     return EXIT_OK
@@ -361,7 +352,7 @@ def cmd_user_edit(s: Session, args) -> int:
             raise CommandError("nothing to change (see `zprovd user edit --help`)")
         return user
 
-    _update_user(s, args.login, edit)
+    _update(s, "user", args.login, edit)
     s.out.write(f"user {args.login} saved\n")
     return EXIT_OK
 
@@ -463,7 +454,7 @@ def cmd_device_add(s: Session, args) -> int:
             raise CommandError(f"device {format_mac(mac, 'colon')} exists (use --replace to overwrite it)")
         return Device(mac=mac, model=model, users=list(args.user or []), vars=_device_vars(args, {}))
 
-    _update_device(s, mac, add)
+    _update(s, "device", mac, add)
     s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
     return EXIT_OK
 
@@ -497,7 +488,7 @@ def cmd_device_edit(s: Session, args) -> int:
         device.vars = variables
         return device
 
-    _update_device(s, mac, edit)
+    _update(s, "device", mac, edit)
     s.out.write(f"device {format_mac(mac, 'colon')} saved\n")
     return EXIT_OK
 
