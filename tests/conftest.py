@@ -2,19 +2,98 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"zprovd: serving (\w+) on (\S+):(\d+)$")
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host can bind ::1."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+
+
+def netns_unavailable() -> str | None:
+    """Why this host cannot run the network-namespace tests, or None."""
+    if sys.platform != "linux":
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    try:
+        probe = subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"ip netns is unavailable: {exc}"
+    if probe.returncode != 0:
+        return f"ip netns is unavailable: {probe.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+def kill_namespace_processes(ns: str) -> None:
+    """Kill, by pid, every process left in a namespace a test created."""
+    result = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=15)
+    for pid in result.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@contextlib.contextmanager
+def namespace_pair(server_ns: str, client_ns: str, server_if: str, client_if: str) -> Iterator[None]:
+    """Two network namespaces joined by a veth pair, ``lo`` and both ends up, no address on them yet.
+
+    The veth is created inside the server namespace with its peer in the
+    client one: it never exists in the host's namespace.  No IPv6 link-local
+    address is generated (the tests add the addresses they want).  Removed
+    afterwards, even on failure: every process left in them is killed, then
+    they are deleted, which deletes the veth.
+    """
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], capture_output=True, check=True, timeout=30)
+
+    created: list[str] = []
+    try:
+        for ns in (server_ns, client_ns):
+            ip("netns", "add", ns)
+            created.append(ns)
+        ip("-n", server_ns, "link", "add", server_if, "type", "veth", "peer", "name", client_if, "netns", client_ns)
+        for ns, interface in ((server_ns, server_if), (client_ns, client_if)):
+            ip("-n", ns, "link", "set", interface, "addrgenmode", "none")
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", interface, "up")
+        yield
+    finally:
+        for ns in created:
+            kill_namespace_processes(ns)
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def free_config(tmp: Path, extra: str = "", backend: str = 'type = "sqlite"', http: bool = True,
@@ -50,11 +129,16 @@ def run_cli(config: Path, *args: str, env: dict | None = None, input: str | None
 
 
 class Daemon:
-    """``zprovd run`` as a subprocess; knows the ports it bound and its log."""
+    """``zprovd run`` as a subprocess; knows the ports it bound and its log.
 
-    def __init__(self, config: Path, env: dict | None = None):
+    ``netns``: run it inside that network namespace (``ip netns exec``, which
+    execs the daemon itself: signals reach it).
+    """
+
+    def __init__(self, config: Path, env: dict | None = None, netns: str | None = None):
         self.config = config
         self.env = env
+        self.netns = netns
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.ports: dict[str, int] = {}
@@ -67,8 +151,9 @@ class Daemon:
             return "\n".join(self.lines)
 
     def start(self, expect: tuple[str, ...] = ("http", "https", "tftp"), timeout: float = 30) -> "Daemon":
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zprovd", "-c", str(self.config), "run"],
+            [*inside, sys.executable, "-m", "zprovd", "-c", str(self.config), "run"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
         )
         threading.Thread(target=self._read, daemon=True).start()

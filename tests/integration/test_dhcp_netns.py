@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import kill_namespace_processes, namespace_pair, netns_unavailable
 
 from zprovd.dhcp.cli import show_leases
 from zprovd.dhcp.config import load_dhcp_config
@@ -41,23 +41,7 @@ PYTHON = str(_VENV_PYTHON if _VENV_PYTHON.exists() else Path(sys.executable))
 START_TIMEOUT = 20.0
 
 
-def _skip_reason() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
-    try:
-        probe = subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"ip netns is unavailable: {exc}"
-    if probe.returncode != 0:
-        return f"ip netns is unavailable: {probe.stderr.decode(errors='replace').strip()}"
-    return None
-
-
-_SKIP = _skip_reason()
+_SKIP = netns_unavailable()
 if _SKIP:
     pytestmark.append(pytest.mark.skip(reason=_SKIP))
 
@@ -94,7 +78,7 @@ class Net:
 
     def reset_client(self) -> None:
         """Kill what runs in the client namespace and remove its addresses."""
-        _kill_namespace_processes(self.client_ns)
+        kill_namespace_processes(self.client_ns)
         run("ip", "-n", self.client_ns, "addr", "flush", "dev", self.client_if)
 
     def set_client_mac(self, mac: str) -> None:
@@ -103,16 +87,6 @@ class Net:
     def client_mac(self) -> str:
         out = run("ip", "-n", self.client_ns, "-o", "link", "show", "dev", self.client_if).stdout
         return out.split("link/ether ")[1].split()[0].replace(":", "")
-
-
-def _kill_namespace_processes(ns: str) -> None:
-    """Kill, by pid, every process left in a namespace this module created."""
-    result = run("ip", "netns", "pids", ns, check=False)
-    for pid in result.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -125,25 +99,9 @@ def net() -> Iterator[Net]:
         client_if=f"zc{tag}",
         prefix=f"10.200.{secrets.randbelow(200) + 20}",
     )
-    created: list[str] = []
-    try:
-        for ns in (n.server_ns, n.client_ns):
-            run("ip", "netns", "add", ns)
-            created.append(ns)
-        # Created directly inside the server namespace, with its peer in the
-        # client namespace: the veth never exists in the host's namespace.
-        run("ip", "-n", n.server_ns, "link", "add", n.server_if, "type", "veth",
-            "peer", "name", n.client_if, "netns", n.client_ns)
+    with namespace_pair(n.server_ns, n.client_ns, n.server_if, n.client_if):
         run("ip", "-n", n.server_ns, "addr", "add", f"{n.server_ip}/24", "dev", n.server_if)
-        for ns, interface in ((n.server_ns, n.server_if), (n.client_ns, n.client_if)):
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-            run("ip", "-n", ns, "link", "set", interface, "up")
         yield n
-    finally:
-        for ns in created:
-            _kill_namespace_processes(ns)
-        for ns in created:
-            run("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import pytest_twisted
+from conftest import needs_ipv6
 from twisted.internet import defer
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
@@ -580,20 +580,6 @@ def test_200_real_clients_in_batches(files: tuple[Path, dict[str, str]], tmp_pat
 
 
 # -- IPv6 ------------------------------------------------------------------------------------------
-
-
-def _ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
 
 
 @needs_ipv6

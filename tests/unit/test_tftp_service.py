@@ -1,12 +1,14 @@
 """Unit tests for the Twisted layer of the TFTP server (zprovd.tftp.service).
 
-Most tests use a fake reactor: ``twisted.internet.task.Clock`` with an
-in-memory ``listenUDP`` for the listening port, and reader registration for
-the transfer sockets, which are real loopback sockets: a test's clients are
-real sockets too, and :meth:`FakeReactor.deliver` sends their datagrams and
-then reads the transfer sockets that are readable, one datagram per event
-as the reactor does.  So time is fully controlled and the transfers' I/O is
-the kernel's.  A few tests run on the real reactor through pytest-twisted.
+Most tests use a fake reactor: ``twisted.internet.task.Clock`` with reader
+registration for the server's sockets (listening and transfer), which are
+real loopback sockets: a test's clients are real sockets too, and
+:meth:`FakeReactor.deliver` sends their datagrams and then reads the
+sockets that are readable, one ``doRead`` per event as the reactor does.
+So time is fully controlled and the I/O is the kernel's.  A sender no
+socket can have (a broadcast address, port 0) is simulated with
+:meth:`FakeReactor.inject`.  A few tests run on the real reactor through
+pytest-twisted.
 """
 
 from __future__ import annotations
@@ -20,23 +22,24 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from conftest import needs_ipv6
+
 from zprovd.tftp.packets import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest, decode
-from zprovd.tftp.service import TFTPServer
+from zprovd.tftp.service import ListeningSocket, TFTPServer
 from zprovd.uploads import UploadWriter, upload_name
 from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileReader, safe_relative_name
 
 
-def _client_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _client_socket(family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setblocking(False)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
     return sock
 
 
@@ -49,51 +52,20 @@ CLIENT, OTHER, OTHER2 = (s.getsockname() for s in _CLIENTS)
 # -- fake network -------------------------------------------------------------------
 
 
-class FakePort:
-    """A listening UDP port of the fake network: what it sends lands in ``wire``."""
-
-    def __init__(self, net: FakeReactor, proto: DatagramProtocol, host: str, port: int):
-        self.net = net
-        self.protocol = proto
-        self.host = host
-        self.port = port
-
-    def write(self, datagram: bytes, addr: tuple[str, int]) -> None:
-        assert self.port in self.net.listening, "write on a closed port"
-        self.net.wire.append((self.port, addr, datagram))
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("UDP", self.host, self.port)
-
-    def stopListening(self) -> defer.Deferred[None]:
-        del self.net.listening[self.port]
-        self.protocol.doStop()
-        return defer.succeed(None)
-
-
 class FakeReactor(Clock):
-    """A Clock with an in-memory ``listenUDP`` and ``addReader`` for the transfer sockets."""
+    """A Clock with ``addReader`` for the server's sockets, and the test's client sockets."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.listening: dict[int, FakePort] = {}
         self.readers: list[Any] = []
-        self.wire: list[tuple[int, tuple[str, int], bytes]] = []  # (from port, to addr, datagram)
         self.clients = {s.getsockname(): s for s in _CLIENTS}
         for sock in self.clients.values():
             _drain(sock)
 
     @property
     def ports(self) -> dict[int, Any]:
-        """Every open port: listening (fake) and transfer (real) ones."""
-        return {**self.listening, **{r.port: r for r in self.readers}}
-
-    def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
-        assert port != 0 and port not in self.listening
-        p = FakePort(self, proto, interface, port)
-        self.listening[port] = p
-        proto.makeConnection(p)  # type: ignore[arg-type]
-        return p
+        """Every open port of the server: listening and transfer ones."""
+        return {r.port: r for r in self.readers}
 
     def addReader(self, reader: Any) -> None:
         assert reader not in self.readers
@@ -103,25 +75,29 @@ class FakeReactor(Clock):
         if reader in self.readers:
             self.readers.remove(reader)
 
-    def client(self) -> tuple[str, int]:
+    def client(self, family: socket.AddressFamily = socket.AF_INET) -> tuple[str, int]:
         """One more client socket, for this test only."""
-        sock = _client_socket()
-        self.clients[sock.getsockname()] = sock
-        return sock.getsockname()
+        sock = _client_socket(family)
+        self.clients[sock.getsockname()[:2]] = sock
+        return sock.getsockname()[:2]
 
     def close_client(self, addr: tuple[str, int]) -> None:
         self.clients.pop(addr).close()
 
     def deliver(self, port: int, datagram: bytes, sender: tuple[str, int] = CLIENT) -> None:
         """``sender`` sends ``datagram`` to ``port``; then the reactor turns until nothing is readable."""
-        if port in self.listening:
-            self.listening[port].protocol.datagramReceived(datagram, sender)
-        else:
-            self.clients[sender].sendto(datagram, ("127.0.0.1", port))
+        self.clients[sender].sendto(datagram, (self.ports[port].socket.getsockname()[0], port))
+        self.run_io()
+
+    def inject(self, port: int, datagram: bytes, sender: tuple[Any, ...]) -> None:
+        """As if the listening ``port`` had read ``datagram`` from ``sender``, an address no test socket can have."""
+        listening = self.ports[port]
+        assert isinstance(listening, ListeningSocket)
+        listening._received(datagram, sender, (listening.host, 0))
         self.run_io()
 
     def run_io(self) -> None:
-        """What the reactor does with readable transfer sockets: one doRead per event, level-triggered."""
+        """What the reactor does with readable sockets: one doRead per event, level-triggered."""
         for _ in range(1000):
             readable, _, _ = select.select(self.readers, [], [], 0)
             if not readable:
@@ -129,7 +105,7 @@ class FakeReactor(Clock):
             for reader in readable:
                 if reader in self.readers:
                     reader.doRead()
-        raise AssertionError("the transfer sockets never stopped being readable")
+        raise AssertionError("the server's sockets never stopped being readable")
 
     def lose(self, port: int) -> None:
         """What the reactor does on an error event with nothing to read."""
@@ -138,12 +114,11 @@ class FakeReactor(Clock):
         reader.connectionLost(Failure(ConnectionDone()))
 
     def take(self) -> list[tuple[int, tuple[str, int], Any]]:
-        """What was sent: from the listening ports first, then to each client, in order."""
-        out = [(src, dst, decode(d)) for src, dst, d in self.wire]
-        self.wire.clear()
+        """What the clients got, client by client, each in order: (from port, to client, packet)."""
+        out = []
         for addr, sock in self.clients.items():
-            for datagram, (_, port) in _drain(sock):
-                out.append((port, addr, decode(datagram)))
+            for datagram, source in _drain(sock):
+                out.append((source[1], addr, decode(datagram)))
         return out
 
 
@@ -182,10 +157,11 @@ def events() -> list[dict[str, Any]]:
 
 def make_server(source: Any, events: list[dict[str, Any]], **kw: Any) -> tuple[TFTPServer, FakeReactor, int]:
     reactor = FakeReactor()
-    server = TFTPServer([("127.0.0.1", 69)], source, reactor=reactor, log=Logger(observer=events.append), **kw)
+    server = TFTPServer([("127.0.0.1", 0)], source, reactor=reactor, log=Logger(observer=events.append), **kw)
     server.startService()
-    assert server.listening_ports() == [("127.0.0.1", 69)]
-    return server, reactor, 69
+    ((host, port),) = server.listening_ports()
+    assert host == "127.0.0.1" and list(reactor.ports) == [port]
+    return server, reactor, port
 
 
 def no_errors_logged(events: list[dict[str, Any]]) -> bool:
@@ -232,13 +208,34 @@ def test_transfer_socket_is_connected_and_strays_do_not_disturb(events: list[dic
 def test_a_client_that_cannot_be_answered_gets_silence(events: list[dict[str, Any]], sender: tuple[str, int]) -> None:
     source = TrackingSource({"f": b"y" * 1500})
     server, net, lp = make_server(source, events)
-    net.deliver(lp, ReadRequest("f").encode(), sender=sender)
+    net.inject(lp, ReadRequest("f").encode(), sender)
     assert net.take() == [] and server.transfers_in_flight() == 0 and list(net.ports) == [lp]
     assert all(r.closed for r in source.readers)
     assert no_errors_logged(events)
     net.deliver(lp, ReadRequest("f").encode())  # the server goes on serving
     ((tp, _, pkt),) = net.take()
     assert pkt == Data(1, b"y" * 512)
+
+
+def test_a_datagram_that_breaks_the_handler_does_not_close_the_listening_port(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({"f": b"ok"}), events)
+    listening = net.ports[lp]
+    handle = listening._received
+    broken: list[bytes] = []
+
+    def breaks_once(datagram: bytes, address: Any, local: Any) -> None:
+        if not broken:
+            broken.append(datagram)
+            raise RuntimeError("a bug in the handler")
+        handle(datagram, address, local)
+
+    listening._received = breaks_once
+    net.deliver(lp, ReadRequest("f").encode())
+    assert net.take() == [] and broken and list(net.ports) == [lp]
+    assert [e["log_failure"].getErrorMessage() for e in events if "log_failure" in e] == ["a bug in the handler"]
+    net.deliver(lp, ReadRequest("f").encode())  # the next datagram is served
+    ((_, _, packet),) = net.take()
+    assert packet == Data(1, b"ok")
 
 
 def test_client_gone_ends_the_transfer_quietly(events: list[dict[str, Any]]) -> None:
@@ -384,8 +381,7 @@ def test_source_answers(events: list[dict[str, Any]], name: str, code: int, mess
     assert server.transfers_in_flight() == 0 and list(net.ports) == [lp]
     failures = [e for e in events if "log_failure" in e]
     if name == "boom":
-        assert len(failures) == 1  # logged once, with the failure
-        assert "renderer exploded" not in repr(net.wire)
+        assert len(failures) == 1  # logged once, with the failure (the client got only "internal error")
     else:
         assert failures == []
 
@@ -841,19 +837,37 @@ def test_real_socket_timeouts_free_the_port() -> Any:
 
 def test_privileged_start_binds_once_and_stop_unbinds(events: list[dict[str, Any]]) -> None:
     net = FakeReactor()
-    server = TFTPServer([("127.0.0.1", 69), ("::1", 1069)], TrackingSource({}), reactor=net, log=Logger(observer=events.append))
+    server = TFTPServer([("127.0.0.1", 0)], TrackingSource({}), reactor=net, log=Logger(observer=events.append))
     server.privilegedStartService()
-    assert sorted(net.ports) == [69, 1069]
-    net.deliver(69, ReadRequest("f").encode())
+    ((_, lp),) = server.listening_ports()
+    net.deliver(lp, ReadRequest("f").encode())
     assert net.take() == []  # bound but not accepting before startService
     server.startService()
-    assert sorted(net.ports) == [69, 1069]
-    assert server.listening_ports() == [("127.0.0.1", 69), ("::1", 1069)]
-    net.deliver(1069, ReadRequest("missing").encode(), sender=("::1", 5000))
-    assert net.take() == [(1069, ("::1", 5000), Error(ErrorCode.FILE_NOT_FOUND, "file not found"))]
+    assert server.listening_ports() == [("127.0.0.1", lp)] and list(net.ports) == [lp]  # not bound again
+    net.deliver(lp, ReadRequest("missing").encode())
+    assert net.take() == [(lp, CLIENT, Error(ErrorCode.FILE_NOT_FOUND, "file not found"))]
     fired: list[Any] = []
     server.stopService().addCallback(fired.append)
     assert fired == [None] and net.ports == {} and server.listening_ports() == []
+
+
+@needs_ipv6
+def test_ipv6_listening_port_answers_from_its_address(events: list[dict[str, Any]]) -> None:
+    net = FakeReactor()
+    server = TFTPServer([("127.0.0.1", 0), ("::1", 0)], TrackingSource({"f": b"six"}), reactor=net,
+                        log=Logger(observer=events.append))
+    server.startService()
+    (_, v4), (host, v6) = server.listening_ports()
+    assert host == "::1" and sorted(net.ports) == sorted([v4, v6])
+    client = net.client(socket.AF_INET6)
+    net.deliver(v6, ReadRequest("missing").encode(), sender=client)
+    assert net.take() == [(v6, client, Error(ErrorCode.FILE_NOT_FOUND, "file not found"))]
+    net.deliver(v6, ReadRequest("f").encode(), sender=client)
+    ((tp, to, packet),) = net.take()
+    assert to == client and packet == Data(1, b"six") and net.ports[tp].socket.getpeername()[:2] == client
+    net.deliver(tp, Ack(1).encode(), sender=client)
+    assert server.transfers_in_flight() == 0 and no_errors_logged(events)
+    server.stopService()
 
 
 def test_stop_twice_while_draining(events: list[dict[str, Any]]) -> None:
@@ -869,6 +883,6 @@ def test_stop_twice_while_draining(events: list[dict[str, Any]]) -> None:
     assert fired == ["first", "second"] and net.ports == {}
     # A later start/stop cycle works again.
     server.startService()
-    assert list(net.ports) == [69]
+    assert [port for _, port in server.listening_ports()] == list(net.ports)
     server.stopService().addCallback(lambda _: fired.append("third"))
     assert fired[-1] == "third" and net.ports == {}

@@ -1,14 +1,15 @@
 """The Twisted side of the TFTP server: sockets and timers, nothing else.
 
 :class:`TFTPServer` is a ``twisted.application.service.Service`` that listens
-on the configured UDP addresses with one :class:`TFTPProtocol` each.  That
-protocol decodes requests, asks the *source* for read requests (see
+on the configured UDP addresses (one :class:`ListeningSocket` each, read by
+the reactor) with one :class:`TFTPProtocol` each.  That protocol decodes
+requests, asks the *source* for read requests (see
 :mod:`zprovd.tftp.source` for the source protocol) or checks write requests
 against the upload folder, and starts a transfer.
 
 Each transfer gets its own UDP socket (:class:`TransferSocket`), bound to an
-ephemeral port on the same local address as the listening port, and answers
-from it (RFC 1350 transfer IDs).  The socket is *connected* to the client:
+ephemeral port on the address the request was sent to, and answers from it
+(RFC 1350 transfer IDs).  The socket is *connected* to the client:
 the kernel delivers only the client's datagrams to it and sends without a
 per-datagram address.  Datagrams from any other address or port therefore
 never disturb the transfer; the kernel drops them and answers with ICMP port
@@ -20,6 +21,12 @@ unreachable it gets back as ECONNREFUSED and the transfer ends at once
 (quietly: the client has gone).  A request from an address a socket cannot
 be connected to (a broadcast source) is not answered.
 
+The listening socket hands the protocol the sender's whole address: for
+IPv6 that includes the scope (the interface), so a client on a link-local
+address (``fe80::...``) is answered through the interface its request came
+in on.  (Twisted's ``listenUDP`` keeps only host and port, and such a
+client could not be answered.)
+
 The protocol logic lives in the sans-I/O sessions of
 :mod:`zprovd.tftp.session`; this module only moves datagrams and runs one
 timer per transfer through the injected ``reactor`` (``reactor.seconds()``
@@ -30,9 +37,10 @@ failed send, at debug level).
 Errors answering a request (file not found, access violation, malformed
 request...) are sent from the listening port.
 
-Limitations: when listening on a wildcard address (``0.0.0.0``, ``::``) the
-transfer port is bound to the wildcard too and the kernel picks the reply's
-source address; bind explicit addresses on multi-homed hosts.
+Every reply comes from the address the client sent its request to, also
+when listening on a wildcard address (``0.0.0.0``, ``::``) of a host with
+several: a transfer socket is bound to that address, and errors from the
+listening port name it as their source (see :class:`ListeningSocket`).
 """
 
 from __future__ import annotations
@@ -40,13 +48,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -67,6 +76,7 @@ from zprovd.uploads import UploadWriter, upload_name
 __all__ = [
     "TFTPServer",
     "TFTPProtocol",
+    "ListeningSocket",
     "Transfer",
     "TransferSocket",
     "Source",
@@ -77,6 +87,15 @@ __all__ = [
 # Big enough for any TFTP datagram (65464 bytes of payload + header).
 MAX_DATAGRAM = 65536 + 64
 
+# Datagrams a listening socket reads per readiness event (a boot storm's
+# requests arrive together; the reactor's other work waits at most this long).
+LISTEN_BATCH = 64
+
+# Linux's value; Python's socket module does not export it on every version.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+# Room for the larger of struct in_pktinfo (12 bytes) and struct in6_pktinfo (20).
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)
+
 def _error_datagram(code: int, message: str) -> bytes:
     return Error(code, message).encode()
 
@@ -85,10 +104,137 @@ class ClientUnreachable(OSError):
     """A transfer socket cannot be connected to the client's address (a broadcast source...)."""
 
 
-class TransferSocket:
-    """One transfer's UDP socket: an ephemeral port beside the listening port, connected to the client.
+class _ReadSocket:
+    """A UDP socket of zprovd's own that the reactor reads (``IReactorFDSet.addReader``) until :meth:`close`."""
 
-    The reactor reads it (``IReactorFDSet.addReader``); each datagram goes to
+    def __init__(self, reactor: Any, sock: socket.socket):
+        self.socket = sock
+        self.port: int = sock.getsockname()[1]
+        self._reactor = reactor
+        self._open = True
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._reactor.removeReader(self)
+            self.socket.close()
+
+
+class ListeningSocket(_ReadSocket):
+    """A listening UDP socket of zprovd's own, read by the reactor (``IReactorFDSet.addReader``).
+
+    Each datagram goes to ``received(datagram, address, local)``:
+
+    - ``address`` is the sender's whole address as the socket gives it:
+      ``(host, port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6;
+    - ``local`` is the address of ours the datagram was sent to, as a
+      socket address to bind (port 0; for a link-local IPv6 address, with
+      the interface as its scope), read from the kernel's packet info.  On a
+      wildcard listener (``0.0.0.0``, ``::``) a reply must come from it: a
+      client that sent to one of several addresses of the host (a second
+      address, a virtual address shared by two servers, an IPv6 link-local
+      address beside another) ignores an answer from any other, and the
+      kernel, left to choose, picks by its own rules.  For a datagram sent to
+      a broadcast address it is the receiving interface's address; for an
+      IPv6 multicast one, the listening address.
+
+    ``write(datagram, address, local)`` answers from the listening socket
+    with ``local`` as the source address.  An exception from ``received`` is
+    logged and the next datagram read: one bad datagram never closes the
+    port.  Binding fails with ``CannotListenError``, as ``listenUDP`` does.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        received: Callable[[bytes, tuple[Any, ...], tuple[Any, ...]], None],
+        log: Logger,
+    ):
+        self._v6 = ":" in host
+        sock = socket.socket(socket.AF_INET6 if self._v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self._v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise CannotListenError(host, port, e) from None
+        self.host = host
+        self._unknown_local = (host, 0)  # no packet info (never on Linux): the listening address
+        self._recvmsg = sock.recvmsg
+        self._received = received
+        self._log = log
+        super().__init__(reactor, sock)
+
+    def logPrefix(self) -> str:
+        return "TFTP listening port"
+
+    def doRead(self) -> None:
+        for _ in range(LISTEN_BATCH):
+            try:
+                datagram, ancillary, _, address = self._recvmsg(MAX_DATAGRAM, _PKTINFO_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # an error queued on the socket (ICMP for an earlier reply...)
+                self._log.debug("TFTP listening port {host} {port}: receive failed: {err}", host=self.host,
+                                port=self.port, err=e)
+                return
+            try:
+                self._received(datagram, address, self._local(ancillary))
+            except Exception:
+                self._log.failure("TFTP datagram from {address} could not be handled", address=address)
+
+    def _local(self, ancillary: list[tuple[int, int, bytes]]) -> tuple[Any, ...]:
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+                # struct in_pktinfo: ifindex, spec_dst (our address: the destination,
+                # or for a broadcast the interface's), addr (the header's destination).
+                return (socket.inet_ntop(socket.AF_INET, data[4:8]), 0)
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+                # struct in6_pktinfo: addr (the destination), ifindex.
+                if data[0] == 0xFF:  # multicast: not an address to answer from
+                    break
+                host = socket.inet_ntop(socket.AF_INET6, data[:16])
+                if data[0] == 0xFE and data[1] & 0xC0 == 0x80:  # link-local: the interface is part of it
+                    return (host, 0, 0, int.from_bytes(data[16:20], sys.byteorder))
+                return (host, 0)
+        return self._unknown_local
+
+    def write(self, datagram: bytes, address: tuple[Any, ...], local: tuple[Any, ...]) -> None:
+        """Send one datagram from ``local`` (raises OSError); nothing once the port is closed (the server is stopping)."""
+        if not self._open:
+            return
+        if local[0] == self.host and len(local) == 2:  # the listening address: nothing to choose
+            self.socket.sendto(datagram, address)
+        elif self._v6:
+            info = socket.inet_pton(socket.AF_INET6, local[0]) + (local[3] if len(local) > 3 else 0).to_bytes(4, sys.byteorder)
+            self.socket.sendmsg([datagram], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)], 0, address)
+        else:
+            info = bytes(4) + socket.inet_pton(socket.AF_INET, local[0]) + bytes(4)
+            self.socket.sendmsg([datagram], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, address)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """The reactor dropped the socket: it is stopping with the port still open (or an error event)."""
+        if self._open:
+            self.close()
+            self._log.info("TFTP listening port {host} {port} closed", host=self.host, port=self.port)
+
+
+class TransferSocket(_ReadSocket):
+    """One transfer's UDP socket: an ephemeral port on ``local``, connected to the client.
+
+    ``local`` is the address the client sent its request to (see
+    :class:`ListeningSocket`), so every datagram of the transfer comes from
+    the address the client expects.  The reactor reads it (``IReactorFDSet.addReader``); each datagram goes to
     ``received``.  It replaces ``listenUDP`` for transfers because every
     datagram of a lockstep transfer passes through it: being connected, it
     reads with ``recv`` (no address tuple to build or compare), one datagram
@@ -106,15 +252,15 @@ class TransferSocket:
     def __init__(
         self,
         reactor: Any,
-        host: str,
+        local: tuple[Any, ...],
         client: tuple[str, int],
         received: Callable[[bytes], None],
         gone: Callable[[str], None],
     ):
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in local[0] else socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            sock.bind((host, 0))
+            sock.bind(local)
             try:
                 sock.connect(client)
             except OSError as e:
@@ -128,19 +274,12 @@ class TransferSocket:
         except BaseException:
             sock.close()
             raise
-        self.socket = sock
         self.send = sock.send
         """Send one datagram to the client (raises OSError, e.g. ConnectionRefusedError)."""
-        self.port: int = sock.getsockname()[1]
         self._recv = sock.recv
         self._received = received
         self._gone = gone
-        self._reactor = reactor
-        self._open = True
-        reactor.addReader(self)
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
+        super().__init__(reactor, sock)
 
     def logPrefix(self) -> str:
         return "TFTP transfer"
@@ -162,12 +301,6 @@ class TransferSocket:
         """
         if self._open:
             self._lost(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._reactor.removeReader(self)
-            self.socket.close()
 
     def _lost(self, error: int) -> None:
         self.close()
@@ -312,15 +445,22 @@ class Transfer:
         self.server._transfer_finished(self)
 
 
-class TFTPProtocol(DatagramProtocol):
-    """The listening port: decodes requests and starts transfers."""
+class TFTPProtocol:
+    """What arrives at a listening port: decodes requests and starts transfers.
 
-    def __init__(self, server: TFTPServer, host: str):
+    ``transport`` is the :class:`ListeningSocket` (set when it is bound).
+    """
+
+    def __init__(self, server: TFTPServer):
         self.server = server
-        self.host = host
+        self.transport: ListeningSocket | None = None
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        client = (addr[0], addr[1])
+    def datagramReceived(self, datagram: bytes, addr: tuple[Any, ...], local: tuple[Any, ...]) -> None:
+        """A datagram from ``addr`` to our address ``local`` (see :class:`ListeningSocket`)."""
+        # (host, port), or for an IPv6 client with a scope (link-local) the
+        # whole address: its transfer socket connects, and errors go, through
+        # that interface.  Log lines and access checks use host and port.
+        client = addr if len(addr) > 3 and addr[3] else (addr[0], addr[1])
         server = self.server
         if not server.accepting:
             return
@@ -331,19 +471,20 @@ class TFTPProtocol(DatagramProtocol):
             server.log.debug("TFTP malformed datagram from {client}: {reason}", client=client, reason=e.reason)
             if opcode is not None and opcode != Opcode.ERROR:
                 message = "bad option" if e.error_code == ErrorCode.OPTION_REFUSED else "illegal operation"
-                self.reply(client, e.error_code, message)
+                self.reply(client, local, e.error_code, message)
             return
         if isinstance(packet, (ReadRequest, WriteRequest)):
-            if server._requests.get((self.host, client)) == datagram:
+            if server._requests.get((local, client)) == datagram:
                 return  # a retransmitted request we are already serving
-            key = (self.host, client, datagram)
+            # Our address the request came to (the transfer answers from it), the client, the request.
+            key = (local, client, datagram)
             if packet.mode not in SUPPORTED_MODES:
                 server.log.debug("TFTP request from {client}: unsupported mode {mode!r}", client=client, mode=packet.mode)
-                self.reply(client, ErrorCode.ILLEGAL_OPERATION, "unsupported mode")
+                self.reply(client, local, ErrorCode.ILLEGAL_OPERATION, "unsupported mode")
                 return
             if len(server._transfers) + len(server._pending) >= server.max_transfers:
                 server.log.debug("TFTP request from {client} refused: too many transfers", client=client)
-                self.reply(client, ErrorCode.NOT_DEFINED, "server busy")
+                self.reply(client, local, ErrorCode.NOT_DEFINED, "server busy")
                 return
             server._requests[key[:2]] = datagram
             if isinstance(packet, ReadRequest):
@@ -354,13 +495,14 @@ class TFTPProtocol(DatagramProtocol):
             return
         else:
             server.log.debug("TFTP {kind} from {client} at the listening port", kind=type(packet).__name__, client=client)
-            self.reply(client, ErrorCode.ILLEGAL_OPERATION, "illegal operation")
+            self.reply(client, local, ErrorCode.ILLEGAL_OPERATION, "illegal operation")
 
-    def reply(self, client: tuple[str, int], code: int, message: str) -> None:
+    def reply(self, client: tuple[str, int], local: tuple[Any, ...], code: int, message: str) -> None:
+        """Send ERROR ``code`` to ``client`` from our address ``local``."""
         if self.transport is None:
             return
         try:
-            self.transport.write(_error_datagram(code, message), client)
+            self.transport.write(_error_datagram(code, message), client, local)
         except Exception as e:
             self.server.log.debug("TFTP send to {client} failed: {err!r}", client=client, err=e)
 
@@ -377,7 +519,8 @@ class TFTPProtocol(DatagramProtocol):
         """
         server = self.server
         kind = "RRQ" if isinstance(packet, ReadRequest) else "WRQ"
-        d = defer.maybeDeferred(hook, packet.filename, client)  # a hook that raises fails the Deferred
+        # The hook gets (host, port) even for a scoped IPv6 client; a hook that raises fails the Deferred.
+        d = defer.maybeDeferred(hook, packet.filename, client[:2])
         server._pending.add(d)
 
         def done(result: Any) -> Any:
@@ -397,11 +540,11 @@ class TFTPProtocol(DatagramProtocol):
                     client=client,
                     why=failure.getErrorMessage(),
                 )
-                self.reply(client, ErrorCode.ACCESS_VIOLATION, "access violation")
+                self.reply(client, key[0], ErrorCode.ACCESS_VIOLATION, "access violation")
                 return
             server.log.failure("TFTP {kind} {name!r} from {client}: answering it failed", failure, kind=kind, name=name,
                                client=client)
-            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
+            self.reply(client, key[0], ErrorCode.NOT_DEFINED, "internal error")
 
         d.addBoth(done)
         d.addCallbacks(then, failed)
@@ -415,7 +558,7 @@ class TFTPProtocol(DatagramProtocol):
             if reader is None:
                 self._forget(key)
                 server.log.debug("TFTP RRQ {name!r} from {client}: not found", name=name, client=client)
-                self.reply(client, ErrorCode.FILE_NOT_FOUND, "file not found")
+                self.reply(client, key[0], ErrorCode.FILE_NOT_FOUND, "file not found")
                 return
             if not server.accepting:
                 self._forget(key)
@@ -448,14 +591,14 @@ class TFTPProtocol(DatagramProtocol):
         if final is None:
             self._forget(key)
             server.log.debug("TFTP WRQ {name!r} from {client}: refused", name=name, client=client)
-            self.reply(client, ErrorCode.ACCESS_VIOLATION, "access violation")
+            self.reply(client, key[0], ErrorCode.ACCESS_VIOLATION, "access violation")
             return
         try:
             writer = UploadWriter(server.upload_dir, final)  # type: ignore[arg-type]
         except OSError as e:
             self._forget(key)
             server.log.error("TFTP WRQ {name!r} from {client}: cannot create the upload file: {err}", name=name, client=client, err=e)
-            self.reply(client, ErrorCode.NOT_DEFINED, "cannot store the file")
+            self.reply(client, key[0], ErrorCode.NOT_DEFINED, "cannot store the file")
             return
         session = WriteSession(writer, packet.options, packet.mode, server.limits)
         self._start(session, client, key, f"WRQ {final!r} ({packet.mode}) from {client[0]}:{client[1]}")
@@ -464,7 +607,7 @@ class TFTPProtocol(DatagramProtocol):
         server = self.server
         transfer = Transfer(server, session, client, description, key)
         try:
-            transfer.socket = TransferSocket(server.reactor, self.host, client, transfer.received, transfer.gone)
+            transfer.socket = TransferSocket(server.reactor, key[0], client, transfer.received, transfer.gone)
         except ClientUnreachable as e:  # not an address a reply can go to: silence
             self._forget(key)
             session.abort("client unreachable", notify=False)
@@ -474,7 +617,7 @@ class TFTPProtocol(DatagramProtocol):
             self._forget(key)
             session.abort("no transfer port", notify=False)
             server.log.error("TFTP {transfer}: cannot open a transfer port: {err}", transfer=description, err=e)
-            self.reply(client, ErrorCode.NOT_DEFINED, "internal error")
+            self.reply(client, key[0], ErrorCode.NOT_DEFINED, "internal error")
             return
         server._transfers.add(transfer)
         server.log.debug("TFTP {transfer}: started", transfer=description)
@@ -553,7 +696,7 @@ class TFTPServer(Service):
         self.shown_name = shown_name
         self.accept_upload = accept_upload
         self.accepting = False
-        self._ports: list[Any] = []
+        self._ports: list[ListeningSocket] = []
         self._transfers: set[Transfer] = set()
         self.retransmissions = 0
         """Datagrams sent again (timeouts, RFC 7440 window restarts), by all
@@ -581,24 +724,20 @@ class TFTPServer(Service):
         ports = []
         try:
             for host, port in self.listen:
-                protocol = TFTPProtocol(self, host)
-                ports.append(self.reactor.listenUDP(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM))
+                protocol = TFTPProtocol(self)
+                protocol.transport = ListeningSocket(self.reactor, host, port, protocol.datagramReceived, self.log)
+                ports.append(protocol.transport)
         except BaseException:
             for p in ports:
-                p.stopListening()
+                p.close()
             raise
         self._ports = ports
         for p in ports:
-            address = p.getHost()
-            self.log.info("TFTP listening on {host} port {port}", host=address.host, port=address.port)
+            self.log.info("TFTP listening on {host} port {port}", host=p.host, port=p.port)
 
     def listening_ports(self) -> list[tuple[str, int]]:
         """The (host, port) pairs actually bound."""
-        result = []
-        for p in self._ports:
-            address = p.getHost()
-            result.append((address.host, address.port))
-        return result
+        return [(p.host, p.port) for p in self._ports]
 
     def transfers_in_flight(self) -> int:
         """Transfers with an open port (for monitoring and tests)."""
@@ -617,7 +756,8 @@ class TFTPServer(Service):
             return result
         Service.stopService(self)
         self.accepting = False
-        closing = [defer.maybeDeferred(p.stopListening) for p in self._ports]
+        for p in self._ports:
+            p.close()
         self._ports = []
         for d in list(self._pending):
             d.cancel()
@@ -632,10 +772,9 @@ class TFTPServer(Service):
         else:
             drained.callback(None)
 
-        def finish(_: Any) -> defer.Deferred[Any]:
+        def finish(_: Any) -> None:
             if bound.active():
                 bound.cancel()
-            return defer.DeferredList(closing, consumeErrors=True)
 
         def notify(_: Any) -> None:
             waiters, self._stop_waiters = self._stop_waiters, []
@@ -647,7 +786,7 @@ class TFTPServer(Service):
         return result
 
     def _forget_request(self, key: Any) -> None:
-        # key is (listening host, client, request datagram); only the entry
+        # key is (our address the request came to, client, request datagram); only the entry
         # of that very request is removed.
         if self._requests.get(key[:2]) == key[2]:
             del self._requests[key[:2]]
