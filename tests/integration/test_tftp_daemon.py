@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 
 import pytest
 
-from conftest import Daemon, curl, free_config, run_cli
+from conftest import Daemon, curl, free_config, needs_ipv6, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -107,11 +106,8 @@ def test_windows_separators_are_normalised(daemon, tmp_path):
     assert r.returncode == 0 and (tmp_path / "w").read_bytes() == b"nested"
 
 
+@needs_ipv6
 def test_ipv6_loopback(daemon, tmp_path):
-    try:
-        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback here")
     v6_port = next(int(l.rsplit(":", 1)[1]) for l in daemon.log.splitlines() if l.startswith("zprovd: serving tftp on ::1:"))
     r = tftp_get(v6_port, "001565aabbcc.cfg", tmp_path / "v6", host="::1")
     assert r.returncode == 0, r.stderr

@@ -21,12 +21,6 @@ unreachable it gets back as ECONNREFUSED and the transfer ends at once
 (quietly: the client has gone).  A request from an address a socket cannot
 be connected to (a broadcast source) is not answered.
 
-The listening socket hands the protocol the sender's whole address: for
-IPv6 that includes the scope (the interface), so a client on a link-local
-address (``fe80::...``) is answered through the interface its request came
-in on.  (Twisted's ``listenUDP`` keeps only host and port, and such a
-client could not be answered.)
-
 The protocol logic lives in the sans-I/O sessions of
 :mod:`zprovd.tftp.session`; this module only moves datagrams and runs one
 timer per transfer through the injected ``reactor`` (``reactor.seconds()``
@@ -41,6 +35,10 @@ Every reply comes from the address the client sent its request to, also
 when listening on a wildcard address (``0.0.0.0``, ``::``) of a host with
 several: a transfer socket is bound to that address, and errors from the
 listening port name it as their source (see :class:`ListeningSocket`).
+The listening socket also hands the protocol the sender's whole address:
+for IPv6 that includes the scope, so a client on a link-local address
+(``fe80::...``) is answered through the interface its request came in on
+(Twisted's ``listenUDP`` keeps only host and port).
 """
 
 from __future__ import annotations
@@ -217,9 +215,7 @@ class ListeningSocket(_ReadSocket):
         """Send one datagram from ``local`` (raises OSError); nothing once the port is closed (the server is stopping)."""
         if not self._open:
             return
-        if local[0] == self.host and len(local) == 2:  # the listening address: nothing to choose
-            self.socket.sendto(datagram, address)
-        elif self._v6:
+        if self._v6:
             info = socket.inet_pton(socket.AF_INET6, local[0]) + (local[3] if len(local) > 3 else 0).to_bytes(4, sys.byteorder)
             self.socket.sendmsg([datagram], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)], 0, address)
         else:
@@ -452,12 +448,12 @@ class Transfer:
 class TFTPProtocol:
     """What arrives at a listening port: decodes requests and starts transfers.
 
-    ``transport`` is the :class:`ListeningSocket` (set when it is bound).
+    Binds its :class:`ListeningSocket`, ``transport`` (``CannotListenError``).
     """
 
-    def __init__(self, server: TFTPServer):
+    def __init__(self, server: TFTPServer, host: str, port: int):
         self.server = server
-        self.transport: ListeningSocket | None = None
+        self.transport = ListeningSocket(server.reactor, host, port, self.datagramReceived, server.log)
 
     def datagramReceived(self, datagram: bytes, addr: tuple[Any, ...], local: tuple[Any, ...]) -> None:
         """A datagram from ``addr`` to our address ``local`` (see :class:`ListeningSocket`)."""
@@ -503,8 +499,6 @@ class TFTPProtocol:
 
     def reply(self, client: tuple[str, int], local: tuple[Any, ...], code: int, message: str) -> None:
         """Send ERROR ``code`` to ``client`` from our address ``local``."""
-        if self.transport is None:
-            return
         try:
             self.transport.write(_error_datagram(code, message), client, local)
         except Exception as e:
@@ -728,9 +722,7 @@ class TFTPServer(Service):
         ports = []
         try:
             for host, port in self.listen:
-                protocol = TFTPProtocol(self)
-                protocol.transport = ListeningSocket(self.reactor, host, port, protocol.datagramReceived, self.log)
-                ports.append(protocol.transport)
+                ports.append(TFTPProtocol(self, host, port).transport)
         except BaseException:
             for p in ports:
                 p.close()
