@@ -395,7 +395,7 @@ class Provisioner:
         try:
             body, templates = self._timed_render("desk", template, ctx)
         except RenderError as exc:
-            log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
+            log.error("cannot render {template} for {who}: {reason}", template=exc.template, who=who, reason=exc.reason)
             return _text(500, "Internal error", who=who, reason="template error"), ()
         content_type = XML if self.renderer.is_xml(template) else TEXT
         return Response(200, body, content_type, who=who, reason=reason), templates
@@ -591,7 +591,8 @@ class Provisioner:
         try:
             body, templates = self._timed_render("zoiper", template, ctx)
         except RenderError as exc:
-            log.error("cannot render {template}: {reason}", template=exc.template, reason=exc.reason)
+            log.error("cannot render {template} for user {login}: {reason}", template=exc.template, login=user.login,
+                      reason=exc.reason)
             error = self.zoiper_error(500, "Provisioning failed: server configuration error.", user.login, "template error")
             return error, ()
         return Response(200, body, XML, who=user.login, reason=f"zoiper {template}"), templates

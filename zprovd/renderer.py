@@ -71,8 +71,37 @@ _UNCARRIABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 def _finalize(value: Any) -> Any:
     """Applied to every ``{{ value }}``: refuse characters no phone can parse."""
     if isinstance(value, str) and _UNCARRIABLE.search(value):
-        raise ValueError(f"a value contains a control character no configuration file can carry: {value!r}")
+        # The value itself stays out of the message: it may be a password.
+        raise ValueError("a value contains a control character no configuration file can carry")
     return value
+
+
+def _failure(exc: Exception) -> str:
+    """Why a render failed, in words."""
+    if isinstance(exc, jinja2.UndefinedError):
+        return f"undefined variable: {exc.message}"
+    if isinstance(exc, TemplateFailure):
+        return str(exc)
+    if isinstance(exc, jinja2.exceptions.SecurityError):
+        return f"refused by the sandbox: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _where(exc: BaseException, folders: list[str]) -> str:
+    """`` (line N of FILE, called from line M of FILE)``: where in the templates a render failed, or "".
+
+    Jinja rewrites a render's traceback so that its frames name the template
+    files and lines: the innermost is where it failed, the others (a macro's
+    caller, the template that included it) say which value it was.  Error
+    messages name lines, never the value, which may be a password."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.startswith(tuple(folders)):
+            frames.append(f"line {tb.tb_lineno} of {filename}")
+        tb = tb.tb_next
+    return f" ({', called from '.join(reversed(frames))})" if frames else ""
 
 
 def _kv(value: Any) -> str:
@@ -215,14 +244,8 @@ class Renderer:
             raise RenderError(template, "not found in " + ", ".join(map(str, self.dirs))) from None
         except jinja2.TemplateSyntaxError as exc:
             raise RenderError(template, f"syntax error line {exc.lineno}: {exc.message}") from None
-        except jinja2.UndefinedError as exc:
-            raise RenderError(template, f"undefined variable: {exc.message}") from None
-        except TemplateFailure as exc:
-            raise RenderError(template, str(exc)) from None
-        except jinja2.exceptions.SecurityError as exc:
-            raise RenderError(template, f"refused by the sandbox: {exc}") from None
-        except Exception as exc:  # a filter raising, a bad operator template
-            raise RenderError(template, f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a missing variable, fail(), a filter raising, a bad operator template
+            raise RenderError(template, _failure(exc) + _where(exc, self.env.loader.searchpath)) from None
         finally:
             self.env.loaded = None
 

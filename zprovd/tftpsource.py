@@ -2,7 +2,8 @@
 
 The same ``Provisioner`` answers HTTP and TFTP, so a file is byte-identical
 on both.  404 becomes TFTP "file not found", 400 (a path escaping the
-folder, NUL, ...) "access violation", anything else an error.
+folder, NUL, ...) "access violation", anything else an error whose message
+is the reason (the provisioner has logged why).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from zprovd import logs
 from zprovd.metrics import Metrics
 from zprovd.provisioning import Provisioner, Response, Upload, hide_segments
 from zprovd.routing import Request
-from zprovd.tftp.source import AccessDenied, BytesReader, FileReader
+from zprovd.tftp.source import AccessDenied, BytesReader, FileReader, SourceError
 
 
 class ProvisioningSource:
@@ -63,4 +64,4 @@ class ProvisioningSource:
             return None
         if response.status in (400, 401, 403):
             raise AccessDenied(response.reason or "access violation")
-        raise RuntimeError(f"cannot serve {name}: {response.reason or response.status}")
+        raise SourceError(response.reason or f"status {response.status}")

@@ -274,7 +274,12 @@ def test_broken_operator_template_is_500_and_logged(desk):
     (ops / "mac.cfg.j2").write_text("sip line1 user name: {{ no_such_variable }}\n")
     try:
         assert get(d, f"/{mac.upper()}.cfg", agent)[0] == 500
-        d.wait_for_log("cannot render aastra/mac.cfg.j2: undefined variable")
+        d.wait_for_log(f"cannot render aastra/mac.cfg.j2 for {mac.lower()}: undefined variable")
+        # Over TFTP: ERROR 0 with the reason, and no traceback in the log.
+        r = subprocess.run(["tftp", "-m", "binary", "127.0.0.1", str(d.ports["tftp"]), "-c", "get", f"{mac}.cfg",
+                            str(config.parent / "broken.cfg")], capture_output=True, text=True, timeout=30)
+        assert "template error" in r.stdout + r.stderr
+        assert "Traceback" not in d.log and "critical" not in d.log
     finally:
         (ops / "mac.cfg.j2").unlink()
     assert get(d, f"/{mac.upper()}.cfg", agent)[0] == 200

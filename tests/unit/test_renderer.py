@@ -27,6 +27,17 @@ def test_values_no_configuration_file_can_carry_are_refused(tmp_path, template, 
         Renderer([tmp_path]).render(template, {"value": bad})
 
 
+@pytest.mark.parametrize("secret", ["s3cr\x01t-Xyzzy", "s3cr\nt-Xyzzy"])
+def test_a_render_error_names_the_template_lines_never_the_value(tmp_path, secret):
+    write(tmp_path, "t/a.cfg.j2", "first\n{% include 't/inc.j2' %}\n")
+    write(tmp_path, "t/inc.j2", "x\ny = {{ secret|kv }}\n")
+    with pytest.raises(RenderError) as info:
+        Renderer([tmp_path]).render("t/a.cfg.j2", {"secret": secret})
+    message = str(info.value)
+    assert "s3cr" not in message and "Xyzzy" not in message
+    assert f"(line 2 of {tmp_path / 't' / 'inc.j2'}, called from line 2 of {tmp_path / 't' / 'a.cfg.j2'})" in message
+
+
 def test_tabs_and_non_ascii_are_fine(tmp_path):
     write(tmp_path, "t/a.xml.j2", "<x>{{ value }}</x>")
     assert Renderer([tmp_path]).render("t/a.xml.j2", {"value": "Zoë\tÅ"}) == "<x>Zoë\tÅ</x>".encode()

@@ -33,7 +33,7 @@ from conftest import needs_ipv6
 from zprovd.tftp.packets import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest, decode
 from zprovd.tftp.service import ListeningSocket, TFTPServer
 from zprovd.uploads import UploadWriter, upload_name
-from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileReader, safe_relative_name
+from zprovd.tftp.source import AccessDenied, BytesReader, DirectorySource, FileReader, SourceError, safe_relative_name
 
 
 def _client_socket(family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
@@ -143,6 +143,8 @@ class TrackingSource:
             return defer.fail(AccessDenied("no"))
         if name == "boom":
             return defer.fail(RuntimeError("renderer exploded"))
+        if name == "down":
+            return defer.fail(SourceError("backend unavailable"))
         if name not in self.files:
             return defer.succeed(None)
         reader = BytesReader(self.files[name])
@@ -372,6 +374,7 @@ def test_duplicate_request_is_served_once(events: list[dict[str, Any]]) -> None:
         ("missing", ErrorCode.FILE_NOT_FOUND, "file not found"),
         ("denied", ErrorCode.ACCESS_VIOLATION, "access violation"),
         ("boom", ErrorCode.NOT_DEFINED, "internal error"),
+        ("down", ErrorCode.NOT_DEFINED, "backend unavailable"),  # the source logged why: no traceback
     ],
 )
 def test_source_answers(events: list[dict[str, Any]], name: str, code: int, message: str) -> None:

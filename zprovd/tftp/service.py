@@ -68,7 +68,7 @@ from zprovd.tftp.packets import (
     peek_opcode,
 )
 from zprovd.tftp.session import SUPPORTED_MODES, TIMER_SLACK, Limits, Output, ReadSession, WriteSession
-from zprovd.tftp.source import AccessDenied, Reader, Source
+from zprovd.tftp.source import AccessDenied, Reader, Source, SourceError
 from zprovd.uploads import UploadWriter, upload_name
 
 __all__ = [
@@ -539,6 +539,11 @@ class TFTPProtocol:
                     why=failure.getErrorMessage(),
                 )
                 self.reply(client, key[0], ErrorCode.ACCESS_VIOLATION, "access violation")
+                return
+            if failure.check(SourceError):
+                server.log.debug("TFTP {kind} {name!r} from {client}: {why}", kind=kind, name=name, client=client,
+                                 why=failure.getErrorMessage())
+                self.reply(client, key[0], ErrorCode.NOT_DEFINED, failure.getErrorMessage())
                 return
             server.log.failure("TFTP {kind} {name!r} from {client}: answering it failed", failure, kind=kind, name=name,
                                client=client)

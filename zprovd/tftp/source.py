@@ -9,9 +9,12 @@ The server asks a *source* for every read request::
   checks.  ``client`` is the client's (host, port).
 * The Deferred fires with a :class:`Reader`, or with ``None`` for "file not
   found" (TFTP ERROR 1).
-* It fails with :class:`AccessDenied` for "access violation" (ERROR 2); any
-  other failure becomes ERROR 0 "internal error" for the client and is logged
-  once by the server (the client never sees the exception text).
+* It fails with :class:`AccessDenied` for "access violation" (ERROR 2), and
+  with :class:`SourceError` for a failure the source has already reported
+  (a backend down, a template error): ERROR 0 with its message, and a debug
+  line.  Any other failure becomes ERROR 0 "internal error" for the client
+  and is logged once by the server with its traceback (the client never sees
+  the exception text).
 * If the Deferred is cancelled (server shutdown) the source should release
   what it holds.
 
@@ -44,6 +47,7 @@ from twisted.internet import defer
 
 __all__ = [
     "AccessDenied",
+    "SourceError",
     "Reader",
     "Source",
     "BytesReader",
@@ -55,6 +59,10 @@ __all__ = [
 
 class AccessDenied(Exception):
     """The client may not read this file (TFTP ERROR 2, access violation)."""
+
+
+class SourceError(Exception):
+    """The source cannot answer and has logged why: TFTP ERROR 0 with this message."""
 
 
 @runtime_checkable
