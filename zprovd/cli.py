@@ -32,6 +32,7 @@ from zprovd.backends import (
 from zprovd.catalogue import Catalogue, bundled_templates_dir, load_catalogue
 from zprovd.config import Config, ConfigError, default_config_path, load_config
 from zprovd.context import RequestInfo
+from zprovd.csvimport import CONTROL_CHARACTERS
 from zprovd.mac import InvalidMAC, format_mac, normalize_mac
 from zprovd.renderer import Renderer
 
@@ -227,7 +228,19 @@ def _read_secrets(args, *names: str) -> None:
             value = sys.stdin.readline().rstrip("\r\n")
         if not value:
             raise CommandError(f"{option} -: no password on standard input")
+        if CONTROL_CHARACTERS.search(value):
+            raise CommandError(f"{option} -: the password contains a control character (tab, NUL...)")
         setattr(args, name, value)
+
+
+def _refuse_control_characters(args) -> None:
+    """No argument may contain a control character, as no CSV cell may: a
+    line break or a NUL in a name or password would break (or inject lines
+    into) the files phones get, and every fetch of them would fail."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and CONTROL_CHARACTERS.search(item):
+                raise CommandError(f"{name.replace('_', ' ')}: contains a control character (line break, tab, NUL...)")
 
 
 def _update(s: Session, kind: str, key: str, change: Callable[[Any], Any]) -> Any:
@@ -884,6 +897,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_USAGE
     session = Session(config, out)
     try:
+        _refuse_control_characters(args)
         return args.handler(session, args)
     except CommandError as exc:
         print(f"zprovd: {exc}", file=sys.stderr)

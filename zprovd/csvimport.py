@@ -78,7 +78,8 @@ KNOWN_COLUMNS = (
 )
 REQUIRED_COLUMNS = ("login", "password")
 _VERBATIM = ("password", "sip_password")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+"""What no cell may contain (nor a CLI argument: ``zprovd.cli``)."""
 
 
 class CSVImportError(Exception):
@@ -203,7 +204,7 @@ def parse_csv(
         if len(row) > len(header):
             problem(line, f"{len(row)} cells but the header has {len(header)} columns")
             continue
-        bad = [header[i] for i, value in enumerate(row) if _CONTROL.search(value)]
+        bad = [header[i] for i, value in enumerate(row) if CONTROL_CHARACTERS.search(value)]
         if bad:
             problem(line, f"{bad[0]}: contains a control character (line break, tab, NUL...)")
             continue

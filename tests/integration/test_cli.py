@@ -243,6 +243,14 @@ def test_edits_at_the_same_moment_are_all_kept(config):
     (["user", "remove-account", "alice", "--account", "2"], "user alice has 1 SIP account(s), not an account 2"),
     (["user", "remove-account", "alice", "--account", "0"], "user alice has 1 SIP account(s), not an account 0"),
     (["user", "remove-account", "ghost", "--account", "1"], "no user ghost"),
+    # Control characters would break the phones' files (or add lines to them): refused up front.
+    (["user", "edit", "alice", "--display-name", "Alice\nsip.key = 1"], "display name: contains a control character"),
+    (["user", "edit", "alice", "--sip-password", "s3cr\x01t"], "sip password: contains a control character"),
+    (["user", "add-account", "alice", "--sip-user", "200", "--sip-password", "tab\tpw"], "sip password: contains a control character"),
+    (["user", "add", "bob", "--password", "pw", "--display-name", "Bob\rX"], "display name: contains a control character"),
+    (["device", "edit", "001565aabbcc", "--var", "label=a\nb"], "var: contains a control character"),
+    (["device", "add", "001565aabbcd", "--model", "yealink-t48g", "--http-user", "u", "--http-password", "p\x07"],
+     "http password: contains a control character"),
 ])
 def test_edit_refusals_change_nothing(config, args, message):
     ok(config, "user", "add", "alice", "--password", "pw")
@@ -304,6 +312,9 @@ def test_passwords_from_standard_input_stay_off_the_command_line(config):
     assert r.returncode == 1 and "--password and --sip-password: only one password can be read" in r.stderr
     r = run_cli(config, "user", "add", "bob", "--password", "-", input="")
     assert r.returncode == 1 and "--password -: no password on standard input" in r.stderr
+    r = run_cli(config, "user", "add", "bob", "--password", "-", input="Xq\tpw\n")
+    assert r.returncode == 1 and "--password -: the password contains a control character" in r.stderr
+    assert "Xq" not in r.stderr
     assert "bob" not in ok(config, "user", "list")
 
 
