@@ -549,34 +549,50 @@ class Provisioner:
             # a reprovisioning Zoiper whose password verified before
             self.limiter.success("login:" + login)
             return document.response
+        # Reserve the guess before checking it: guesses sent at once count at once.
+        keys = ("addr:" + request.client, "login:" + login)
+        admitted = [k for k in keys if self.limiter.admit(k, now)]
+        if len(admitted) < len(keys):
+            for k in admitted:
+                self.limiter.release(k)
+            log.warn("refused login {login} from {client}: too many failures or guesses at once", login=login,
+                     client=request.client)
+            response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
+            response.headers += (("Retry-After", "1"),)
+            return response
         return self._zoiper_lookup(route, request, _info(request), key, generation)
 
     @inlineCallbacks
     def _zoiper_lookup(self, route: ZoiperRoute, request: Request, info: RequestInfo, key: Any, generation: Any):
+        """Check the admitted guess (``FailureLimiter.admit``) and answer it."""
         z = self.config.zoiper
         login = route.login
+        addr, account = "addr:" + request.client, "login:" + login
         now = self.clock()
         try:
             user = yield self._lookup("get_user", login)
+            # An unknown login costs the same hashing work as a known one.
+            stored = user.password_hash if user is not None else self._dummy_hash
+            if user is not None and passwords.known_good(stored, route.password):
+                ok = True  # a reprovisioning phone: verified before, no hashing again
+            else:
+                ok = yield self.run_blocking(passwords.verify_password, stored, route.password)
         except Exception as exc:
+            self.limiter.release(addr)
+            self.limiter.release(account)
             log.error("backend failed looking up {login}: {error}", login=login, error=exc)
             return self.zoiper_error(503, z.unavailable_text, login, "backend unavailable")
-        # An unknown login costs the same hashing work as a known one.
-        stored = user.password_hash if user is not None else self._dummy_hash
-        if user is not None and passwords.known_good(stored, route.password):
-            ok = True  # a reprovisioning phone: verified before, no hashing again
-        else:
-            ok = yield self.run_blocking(passwords.verify_password, stored, route.password)
         if user is None or not ok:
-            self.limiter.failure("addr:" + request.client, now)
-            self.limiter.failure("login:" + login, now)
+            self.limiter.failure(addr, now)
+            self.limiter.failure(account, now)
             self._miss(request.client, f"login:{next(self._unique)}")
             log.warn(
                 "failed login {login} from {client} ({why})",
                 login=login, client=request.client, why="unknown user" if user is None else "wrong password",
             )
             return self.zoiper_error(z.error_status, z.error_text, login, "unknown user" if user is None else "wrong password")
-        self.limiter.success("login:" + login)
+        self.limiter.release(addr)
+        self.limiter.success(account)
         response, templates = self._render_zoiper(user, route.version, info)
         if response.status == 200:
             self._keep(key, request, Document(generation, templates, user, response))

@@ -5,6 +5,13 @@ A key (a client address, a login) that fails ``max_failures`` times within
 key.  The defaults (10 failures in 5 minutes, 5 minutes refused) stop an
 online guessing attack at about 3 guesses a minute while a user who mistypes
 twice never notices.
+
+Checking a password takes a while (it is hashed in a thread), so guesses
+sent all at once would all be checked before the first failure counted.
+:meth:`FailureLimiter.admit` therefore reserves a guess before the check
+starts: the failures in the window plus the guesses being checked never
+exceed ``max_failures``, whatever arrives at the same moment.  Each admitted
+guess ends with :meth:`failure`, :meth:`success` or :meth:`release`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ MAX_KEYS = 100_000
 class _Record:
     failures: deque = field(default_factory=deque)
     blocked_until: float = 0.0
+    checking: int = 0
+    """Guesses admitted and not yet ended."""
 
 
 class FailureLimiter:
@@ -36,19 +45,43 @@ class FailureLimiter:
             return 0.0
         return max(0.0, record.blocked_until - now)
 
+    def admit(self, key: str, now: float) -> bool:
+        """Reserve a guess for ``key``; False if the failures in the window
+        and the guesses being checked already reach ``max_failures``."""
+        if self.lockout <= 0:
+            return True
+        record = self._touch(key, now)
+        if record.blocked_until > now or len(record.failures) + record.checking >= self.max_failures:
+            return False
+        record.checking += 1
+        return True
+
     def failure(self, key: str, now: float) -> bool:
-        """Count a failure; return True if the key is now refused."""
-        record = self._records.pop(key, None) or _Record()
-        self._records[key] = record  # most recently used last
-        while record.failures and record.failures[0] <= now - self.window:
-            record.failures.popleft()
+        """Count a failure (ending an admitted guess); return True if the key is now refused."""
+        record = self._touch(key, now)
+        record.checking = max(0, record.checking - 1)
         record.failures.append(now)
         if len(record.failures) >= self.max_failures and self.lockout > 0:
             record.blocked_until = now + self.lockout
             record.failures.clear()
-        while len(self._records) > self.max_keys:  # bounded memory under a flood
-            self._records.popitem(last=False)
         return record.blocked_until > now
 
     def success(self, key: str) -> None:
+        """The key's guess was right: forget its failures (and reservations)."""
         self._records.pop(key, None)
+
+    def release(self, key: str) -> None:
+        """End an admitted guess that was neither wrong nor a reason to forget the key."""
+        record = self._records.get(key)
+        if record is not None and record.checking > 0:
+            record.checking -= 1
+
+    def _touch(self, key: str, now: float) -> _Record:
+        """The key's record, most recently used, with the failures of the window only."""
+        record = self._records.pop(key, None) or _Record()
+        self._records[key] = record  # most recently used last
+        while record.failures and record.failures[0] <= now - self.window:
+            record.failures.popleft()
+        while len(self._records) > self.max_keys:  # bounded memory under a flood
+            self._records.popitem(last=False)
+        return record
