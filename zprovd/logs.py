@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import sys
 import time
 from typing import IO, Any
@@ -34,10 +35,16 @@ FLUSH_BYTES = 64 * 1024
 ACCESS_NAMESPACE = "zprovd.access"
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _one_line(text: str) -> str:
     # One event, one line: a line break in a logged value (a TFTP file name,
-    # a login) must not forge a line that fail2ban would read.
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    # a login) must not forge a line that fail2ban would read, and no other
+    # control character (NUL, an escape sequence) reaches a terminal or
+    # makes journald store the line as a blob.
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
 
 
 class LineWriter:

@@ -88,7 +88,9 @@ def hide_segments(path: str, hidden: set[str] | frozenset[str], percent_encoded:
     one of ``hidden`` (URL keys) written ``***``.
 
     Segments are found as the router finds them (``routing.split_path``):
-    after percent-decoding, split on ``/`` and ``\\``; an HTTP query is
+    after percent-decoding, split on ``/`` and ``\\``, and also on white
+    space and control characters, so that a key followed by one (a path the
+    router refuses, a mistyped base URL) is hidden too; an HTTP query is
     kept as it is (``web.redact_uri`` hides its secret values).
     """
     base, sep, query = path.partition("?") if percent_encoded else (path, "", "")
@@ -102,7 +104,7 @@ def hide_segments(path: str, hidden: set[str] | frozenset[str], percent_encoded:
     return shown + sep + query
 
 
-_SEPARATORS = re.compile(r"([/\\])")
+_SEPARATORS = re.compile(r"([/\\\s\x00-\x1f\x7f])")
 
 
 def _text(status: int, message: str, **kw: Any) -> Response:

@@ -528,6 +528,8 @@ class HTTPProtocol(Protocol):
             uri = hide_segments(uri, provisioner.secret_segments, percent_encoded=True)
         if head.query is not None:
             uri = redact_uri(uri, provisioner.secret_params)
+        if '"' in uri:  # the line quotes the request: a quote in it would end it early (and fool fail2ban)
+            uri = uri.replace('"', "%22")
         who = response.who if response else "-"
         if not _PLAIN.fullmatch(who):
             who = quote(who, safe="@.:-_+")

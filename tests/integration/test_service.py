@@ -218,12 +218,19 @@ def test_fail2ban_filter_matches_refusals_and_not_phones_or_successes(tmp_path):
     fetch(d.url("http", "/zoiper?user=u&password=bad"))
     fetch(d.url("http", "/zoiper?user=u&password=pw"))  # locked out by now
     fetch(d.url("http", "/zoiper?user=a%0Afake%20line&password=bad"))
+    # A quote in the request cannot end the quoted request early and slip past the filter.
+    with socket.create_connection(("127.0.0.1", d.ports["http"]), timeout=10) as s:
+        s.sendall(b'GET /zoiper?user=v&password=bad&x=" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n')
+        assert s.recv(100).startswith(b"HTTP/1.1 ")
+    fetch(d.url("http", "/zoiper?user=nul%00esc%1B&password=bad"))
     d.wait_for_log('"locked out"')
+    d.wait_for_log("login nul\\x00esc\\x1b from")  # control characters written escaped
     d.stop()
+    assert "\x00" not in d.log and "\x1b" not in d.log
     access = [line for line in d.log.splitlines() if "[zprovd.access]" in line]
     matched = [line for line in access if regex.search(line)]
-    assert len(access) == 7
-    assert len(matched) == 5, "\n".join(access)
+    assert len(access) == 9
+    assert len(matched) == 7, "\n".join(access)
     assert all(regex.search(line).group("host") == "127.0.0.1" for line in matched)
     unknown_phone = [line for line in access if '"unknown MAC"' in line]
     served = [line for line in access if '"zoiper zoiper/config-1.14.xml.j2"' in line]

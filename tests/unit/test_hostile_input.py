@@ -258,6 +258,10 @@ def test_hide_segments_examples():
     assert hide_segments("k3y\\001565aabbcc.cfg", keys, False) == "***\\001565aabbcc.cfg"
     assert hide_segments("%6B3y/001565aabbcc.cfg", keys, False) == "%6B3y/001565aabbcc.cfg"  # TFTP: not a key
     assert hide_segments("/k3yx/001565aabbcc.cfg", keys, True) == "/k3yx/001565aabbcc.cfg"
+    # A key followed by a character the router refuses (400) or a space: hidden all the same.
+    assert hide_segments("/k3y%00/x.cfg", keys, True) == "/***%00/x.cfg"
+    assert hide_segments("/k3y%20/x.cfg", keys, True) == "/***%20/x.cfg"
+    assert hide_segments("k3y\x01/x.cfg", keys, False) == "***\x01/x.cfg"
 
 
 @settings(max_examples=200)
