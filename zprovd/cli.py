@@ -35,6 +35,7 @@ from zprovd.context import RequestInfo
 from zprovd.csvimport import CONTROL_CHARACTERS
 from zprovd.mac import InvalidMAC, format_mac, normalize_mac
 from zprovd.renderer import Renderer
+from zprovd.sipvars import LineError, sip_transport_and_port
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -99,6 +100,10 @@ def _vars(pairs: list[str] | None) -> dict[str, str]:
         if not sep or not key.strip():
             raise CommandError(f"--var {pair!r}: expected KEY=VALUE")
         result[key.strip()] = value
+    try:
+        sip_transport_and_port(result, "--var")
+    except LineError as exc:
+        raise CommandError(str(exc)) from None
     return result
 
 

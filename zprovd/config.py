@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from zprovd.sipvars import LineError, sip_transport_and_port
+
 DEFAULT_CONFIG = Path("/etc/zprovd/zprovd.toml")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 """``[log] level`` values (twisted.logger's names)."""
@@ -487,6 +489,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         language=s.string("language", "en"),
         vars=s.table("vars"),
     )
+    try:
+        sip_transport_and_port(provisioning.vars, "vars")
+    except LineError as exc:
+        s.error("vars", str(exc).removeprefix("vars: "))
     s.finish()
 
     s = section("templates")

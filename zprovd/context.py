@@ -14,7 +14,10 @@ Zoiper documents get::
 
 ``lines``/``accounts`` are lists of dicts with ``index`` (1-based), ``login``,
 ``display_name``, ``label``, ``sip_user``, ``sip_auth_user``,
-``sip_password``, ``sip_domain``, ``sip_port``, ``sip_transport``.
+``sip_password``, ``sip_domain``, ``sip_port``, ``sip_transport``.  The
+transport is ``vars.sip_transport`` (udp, tcp or tls; default udp), the
+port ``vars.sip_port``, by default 5061 for tls and 5060 otherwise
+(RFC 3261, 19.1.2); anything else is a ``zprovd.sipvars.LineError``.
 
 ``vars`` merges, later winning: ``[provisioning] vars``, the model's vars,
 the users' vars (in line order), the device's vars.  ``language`` is
@@ -36,6 +39,7 @@ from typing import Any
 from zprovd.backends import Device, User
 from zprovd.catalogue import Model
 from zprovd.config import ProvisioningConfig
+from zprovd.sipvars import sip_transport_and_port
 
 # Access settings kept in device vars (zprovd.policy); never shown to templates.
 PRIVATE_DEVICE_VARS = frozenset({"http_user", "http_ha1_sha256", "http_ha1_md5"})
@@ -83,6 +87,7 @@ def account_lines(users: list[User], base_vars: dict[str, Any]) -> list[dict[str
     lines = []
     for user in users:
         line_vars = _merge(base_vars, user.vars)
+        transport, port = sip_transport_and_port(line_vars, f"user {user.login}")
         for account in user.accounts:
             display = account.display_name or user.display_name or account.sip_user
             lines.append(
@@ -95,8 +100,8 @@ def account_lines(users: list[User], base_vars: dict[str, Any]) -> list[dict[str
                     "sip_auth_user": account.auth_user,
                     "sip_password": account.sip_password,
                     "sip_domain": account.sip_domain,
-                    "sip_port": int(line_vars.get("sip_port", 5060)),
-                    "sip_transport": str(line_vars.get("sip_transport", "udp")),
+                    "sip_port": port,
+                    "sip_transport": transport,
                 }
             )
     return lines

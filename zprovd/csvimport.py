@@ -64,6 +64,7 @@ from typing import Callable
 
 from zprovd.backends import Device, SipAccount, User
 from zprovd.mac import InvalidMAC, normalize_mac
+from zprovd.sipvars import LineError, sip_transport_and_port
 
 KNOWN_COLUMNS = (
     "login",
@@ -238,6 +239,11 @@ def parse_csv(
             if not value:
                 continue
             if name not in user.vars:
+                try:
+                    sip_transport_and_port({name: value}, name)
+                except LineError as exc:
+                    problem(line, str(exc).replace(f"{name}: {name} ", f"{name}: ", 1))
+                    continue
                 user.vars[name], user.var_lines[name] = value, line
             elif user.vars[name] != value:
                 problem(line, f"{name}: {value!r} differs from {user.vars[name]!r} "

@@ -50,6 +50,7 @@ from zprovd.routing import (
     ZoiperRoute,
     split_path,
 )
+from zprovd.sipvars import LineError
 from zprovd.throttle import FailureLimiter
 from zprovd.uploads import upload_name
 
@@ -494,7 +495,11 @@ class Provisioner:
         if not users:
             log.warn("device {mac} ({model}) has no user: nothing to provision", mac=mac, model=model.id)
             return _text(404, "Not found", who=mac, reason="no user assigned")
-        ctx = device_context(self.config.provisioning, model, device, users, route.name, info)
+        try:
+            ctx = device_context(self.config.provisioning, model, device, users, route.name, info)
+        except LineError as exc:
+            log.error("cannot provision {mac}: {error}", mac=mac, error=exc)
+            return _text(500, "Internal error", who=mac, reason="bad line variables")
         response, templates = self._render(pm.template, ctx, who=mac, reason=f"per-MAC {model.id}")
         if response.status != 200:
             return response
@@ -605,9 +610,13 @@ class Provisioner:
 
     def _render_zoiper(self, user: User, version: str | None, info: RequestInfo) -> tuple[Response, Dependencies]:
         template = self.zoiper_documents.template_for(version)
-        ctx = zoiper_context(self.config.provisioning, user, version or "", info)
         try:
+            ctx = zoiper_context(self.config.provisioning, user, version or "", info)
             body, templates = self._timed_render("zoiper", template, ctx)
+        except LineError as exc:
+            log.error("cannot provision user {login}: {error}", login=user.login, error=exc)
+            error = self.zoiper_error(500, "Provisioning failed: server configuration error.", user.login, "bad line variables")
+            return error, ()
         except RenderError as exc:
             log.error("cannot render {template} for user {login}: {reason}", template=exc.template, login=user.login,
                       reason=exc.reason)

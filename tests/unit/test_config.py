@@ -49,6 +49,16 @@ def test_unknown_key_names_file_section_and_key(tmp_path):
     assert problem == f"{tmp_path / 'z.toml'}: [http] lisen: unknown key"
 
 
+@pytest.mark.parametrize("vars, reason", [
+    ('{ sip_port = "abc" }', "sip_port must be a port number (1-65535), not 'abc'"),
+    ("{ sip_port = 0 }", "sip_port must be a port number (1-65535), not 0"),
+    ('{ sip_transport = "sctp" }', "sip_transport must be udp, tcp or tls, not 'sctp'"),
+])
+def test_unusable_sip_vars_are_refused(tmp_path, vars, reason):
+    [problem] = problems_of(tmp_path, MINIMAL + f"vars = {vars}\n")
+    assert problem == f"{tmp_path / 'z.toml'}: [provisioning] vars: {reason}"
+
+
 def test_unknown_section_and_top_level_key(tmp_path):
     found = problems_of(tmp_path, 'stat_dir = "x"\n' + MINIMAL + "[htp]\n")
     assert f"{tmp_path / 'z.toml'}: top level stat_dir: unknown key" in found

@@ -120,3 +120,17 @@ def test_each_line_takes_its_own_users_port_and_transport():
     device = Device("001565aabbcc", "yealink-t48g", ["a", "b"], {"sip_transport": "tcp"})
     lines = device_context(PROV, model, device, [tls_user, plain_user], "x", RequestInfo())["lines"]
     assert [(l["sip_user"], l["sip_transport"], l["sip_port"]) for l in lines] == [("100", "tls", 5061), ("200", "tcp", 5060)]
+
+
+def test_a_tls_line_without_a_port_gets_5061():
+    """RFC 3261, 19.1.2: a phone told "tls" on 5060 would not register."""
+    model = load_catalogue([bundled_templates_dir()]).get("yealink-t48g")
+    prov = ProvisioningConfig("192.0.2.10", "http://192.0.2.10/", "en", {})
+    tls_user = User("a", "x", "A", [SipAccount("100", "pw", "d")], {"sip_transport": "TLS"})
+    udp_user = User("b", "x", "B", [SipAccount("200", "pw", "d")], {})
+    port_user = User("c", "x", "C", [SipAccount("300", "pw", "d")], {"sip_transport": "tls", "sip_port": "5071"})
+    device = Device("001565aabbcc", "yealink-t48g", ["a", "b", "c"], {})
+    ctx = device_context(prov, model, device, [tls_user, udp_user, port_user], "001565aabbcc.cfg", RequestInfo())
+    assert [(l["sip_transport"], l["sip_port"]) for l in ctx["lines"]] == [("tls", 5061), ("udp", 5060), ("tls", 5071)]
+    rendered = Renderer([]).render("yealink/mac.cfg.j2", ctx).decode()
+    assert "account.1.sip_server.1.port = 5061" in rendered and "account.2.sip_server.1.port = 5060" in rendered

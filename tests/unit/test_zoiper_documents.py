@@ -16,6 +16,7 @@ from zprovd.catalogue import bundled_templates_dir
 from zprovd.config import ProvisioningConfig
 from zprovd.context import RequestInfo, zoiper_context
 from zprovd.renderer import Renderer, RenderError
+from zprovd.sipvars import LineError
 
 CONFIG_114 = "zoiper/config-1.14.xml.j2"
 CONFIG_10 = "zoiper/config-1.0.xml.j2"
@@ -346,12 +347,24 @@ def test_port_on_an_ipv6_domain_is_bracketed(renderer: Renderer) -> None:
         ({"srtp": "zrtp"}, "srtp must be one of none, SDES"),
         ({"codecs": "opus,g711x"}, "unknown codec g711x"),
         ({"codecs": ""}, "enables no codec"),
-        ({"sip_transport": "sctp"}, "sip_transport must be udp, tcp or tls"),
     ],
 )
 def test_bad_vars_stop_the_rendering(renderer: Renderer, vars: dict[str, Any], message: str) -> None:
     with pytest.raises(RenderError, match=message):
         renderer.render(CONFIG_114, context(make_user(ONE, vars=vars)))
+
+
+@pytest.mark.parametrize(
+    ("vars", "message"),
+    [
+        ({"sip_transport": "sctp"}, "user alice: sip_transport must be udp, tcp or tls, not 'sctp'"),
+        ({"sip_port": "5o60"}, r"user alice: sip_port must be a port number \(1-65535\), not '5o60'"),
+        ({"sip_port": 70000}, r"user alice: sip_port must be a port number \(1-65535\), not 70000"),
+    ],
+)
+def test_bad_line_vars_are_refused_before_rendering(vars: dict[str, Any], message: str) -> None:
+    with pytest.raises(LineError, match=message):
+        context(make_user(ONE, vars=vars))
 
 
 # --------------------------------------------------------------------------
