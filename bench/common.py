@@ -311,8 +311,13 @@ SERVING = re.compile(r"zprovd: serving (\w+) on (\S+):(\d+)$", re.MULTILINE)
 
 def _daemon_knows(section: str) -> bool:
     """Whether the checked-out zprovd has a config section (the tree moves)."""
+    return _config_mentions(f'section("{section}")')
+
+
+def _config_mentions(text: str) -> bool:
+    """Whether the checked-out zprovd's config.py has ``text`` (a section, a key)."""
     try:
-        return f'section("{section}")' in (ROOT / "zprovd" / "config.py").read_text()
+        return text in (ROOT / "zprovd" / "config.py").read_text()
     except OSError:
         return False
 
@@ -338,6 +343,8 @@ class Zprovd:
         def listen(protocol: str, enabled: bool) -> str:
             return f'["{host}:{ports.get(protocol, 0)}"]' if enabled else "[]"
         metrics = "\n[metrics]\nlisten = []\n" if _daemon_knows("metrics") else ""
+        # The bench's clients all share one address (tftpd-hpa has no such limit).
+        per_client = "\n            max_transfers_per_client = 4096" if _config_mentions('"max_transfers_per_client"') else ""
         text = textwrap.dedent(f"""\
             state_dir = "{self.state}"
             [http]
@@ -346,7 +353,7 @@ class Zprovd:
             listen = {listen("https", https)}
             [tftp]
             listen = {listen("tftp", tftp)}
-            firmware_dir = "{firmware_dir or ''}"
+            firmware_dir = "{firmware_dir or ''}"{per_client}
             [backend]
             type = "sqlite"
             [provisioning]

@@ -64,6 +64,7 @@ class TFTPConfig:
     retries: int
     upload_dir: Path | None
     upload_max_bytes: int
+    max_transfers_per_client: int = 64
 
 
 @dataclass
@@ -462,6 +463,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         retries=s.integer("retries", 5, 1, 50),
         upload_dir=s.path("upload_dir"),
         upload_max_bytes=s.integer("upload_max_bytes", 1 << 20, 0, 1 << 30),
+        max_transfers_per_client=s.integer("max_transfers_per_client", 64, 1, 4096),
     )
     s.finish()
 

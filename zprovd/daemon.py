@@ -19,6 +19,7 @@ releases everything.
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,28 @@ def build_components(config: Config, run_blocking, call_later=None) -> tuple[Any
     if catalogue.problems:
         raise StartupError("model catalogue: " + "; ".join(catalogue.problems))
     return backend, catalogue, renderer
+
+
+OPEN_FILES_WANTED = 65536
+"""Descriptors the daemon asks for: each TFTP transfer and HTTP connection holds one."""
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files towards the hard one.
+
+    The usual soft limit (1,024) is below what TFTP transfers alone may hold
+    (``max_transfers``, 4,096): when descriptors run out, new HTTP
+    connections are refused too.  The hard limit (524,288 under systemd) is
+    the process's to take; epoll has no use for the 1,024 of ``select``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as exc:
+            log.warn("cannot raise the open files limit from {soft}: {error}", soft=soft, error=exc)
+            return
+        log.info("open files limit raised from {soft} to {wanted}", soft=soft, wanted=wanted)
 
 
 class Daemon(MultiService):
@@ -231,6 +254,7 @@ class Daemon(MultiService):
             retries=t.retries,
             upload_dir=t.upload_dir,
             upload_max_bytes=t.upload_max_bytes,
+            max_transfers_per_client=t.max_transfers_per_client,
             shutdown_timeout=config.server.shutdown_timeout,
             shown_name=source.shown_name,
             accept_upload=source.accept_upload,
@@ -297,6 +321,7 @@ class Daemon(MultiService):
     def start(self):
         """Open everything and bind every listener; fails with StartupError."""
         config = self.config
+        raise_open_file_limit()
         self.pool.start()
         try:
             config.state_dir.mkdir(parents=True, exist_ok=True)

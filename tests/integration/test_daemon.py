@@ -144,3 +144,21 @@ def test_check_reports_ok_and_problems(tmp_path):
     r = run_cli(config, "check")
     assert r.returncode == 1
     assert "template yealink/mac.cfg.j2: syntax error line 1" in r.stderr
+
+
+def test_the_open_files_limit_is_raised_for_transfers_and_connections(tmp_path, daemon_factory):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the daemon inherits it
+    try:
+        d = daemon_factory(free_config(tmp_path)).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = open(f"/proc/{d.proc.pid}/limits").read()
+    (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    assert line.split()[3] == str(wanted), line
+    d.wait_for_log(f"open files limit raised from 256 to {wanted}")

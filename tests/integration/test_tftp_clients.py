@@ -522,7 +522,7 @@ def test_200_concurrent_transfers_in_process(files: tuple[Path, dict[str, str]])
     from twisted.internet import reactor
 
     root, hashes = files
-    server = start_server(root)
+    server = start_server(root, max_transfers_per_client=256)  # every reader is on 127.0.0.1
     ports = []
     peak = [0]
 

@@ -368,6 +368,41 @@ def test_duplicate_request_is_served_once(events: list[dict[str, Any]]) -> None:
     assert server.transfers_in_flight() == 2
 
 
+def test_one_client_address_cannot_take_every_transfer(events: list[dict[str, Any]]) -> None:
+    source = TrackingSource({"f": bytes(3000)})
+    server, net, lp = make_server(source, events, max_transfers_per_client=2)
+    net.deliver(lp, ReadRequest("f").encode())
+    net.deliver(lp, ReadRequest("f", "octet", {"x": "1"}).encode(), sender=OTHER)  # the same host
+    net.deliver(lp, ReadRequest("f", "octet", {"x": "2"}).encode(), sender=OTHER2)
+    sent = net.take()
+    assert sent[-1] == (lp, OTHER2, Error(ErrorCode.NOT_DEFINED, "server busy"))
+    assert server.transfers_in_flight() == 2
+    busy = [e for e in events if "too many transfers from it" in e.get("log_format", "")]
+    net.inject(lp, ReadRequest("f").encode(), ("127.0.0.2", 6000))  # another host is not refused
+    assert [e for e in events if "too many transfers from it" in e.get("log_format", "")] == busy
+    assert len(busy) == 1 and len(source.calls) == 3
+    (tp, _, first) = sent[0]
+    for block in range(1, 7):  # the first transfer ends: its place is free again
+        net.deliver(tp, Ack(block).encode())
+    assert server.transfers_in_flight() == 1 and server._per_client == {"127.0.0.1": 1}
+    net.deliver(lp, ReadRequest("f", "octet", {"x": "3"}).encode(), sender=OTHER2)
+    assert server.transfers_in_flight() == 2
+
+
+def test_every_way_a_request_ends_gives_its_place_back(events: list[dict[str, Any]], tmp_path: Path) -> None:
+    server, net, lp = make_server(TrackingSource({"f": bytes(100)}), events, upload_dir=tmp_path)
+    for name in ("missing", "denied", "boom", "down"):  # not found, access violation, internal error, source error
+        net.deliver(lp, ReadRequest(name).encode())
+    net.deliver(lp, WriteRequest("not-a-log.txt").encode())  # refused upload
+    net.deliver(lp, ReadRequest("f").encode(), sender=OTHER)
+    net.deliver(lp, ReadRequest("f", "octet", {"x": "1"}).encode(), sender=OTHER2)
+    transfers = [(port, peer) for port, peer, pkt in net.take() if port != lp]
+    assert len(transfers) == 2
+    net.deliver(transfers[0][0], Ack(1).encode(), sender=transfers[0][1])  # completed
+    net.deliver(transfers[1][0], Error(ErrorCode.NOT_DEFINED, "bye").encode(), sender=transfers[1][1])  # abandoned
+    assert server.transfers_in_flight() == 0 and server._per_client == {}
+
+
 @pytest.mark.parametrize(
     "name,code,message",
     [

@@ -47,6 +47,7 @@ import errno
 import os
 import socket
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -486,6 +487,11 @@ class TFTPProtocol:
                 server.log.debug("TFTP request from {client} refused: too many transfers", client=client)
                 self.reply(client, local, ErrorCode.NOT_DEFINED, "server busy")
                 return
+            if server._per_client[client[0]] >= server.max_transfers_per_client:
+                server.log.debug("TFTP request from {client} refused: too many transfers from it", client=client)
+                self.reply(client, local, ErrorCode.NOT_DEFINED, "server busy")
+                return
+            server._per_client[client[0]] += 1
             server._requests[key[:2]] = datagram
             if isinstance(packet, ReadRequest):
                 self._read_request(packet, client, key)
@@ -658,7 +664,9 @@ class TFTPServer(Service):
     or None for "access violation"), else any ``upload_name`` is taken.  ``log`` is a ``twisted.logger.Logger``.
     ``shutdown_timeout`` bounds how long :meth:`stopService` waits for
     transfers in flight; ``max_transfers`` bounds concurrent transfers
-    (beyond it requests get ERROR 0 "server busy").  ``shown_name`` turns a
+    (beyond it requests get ERROR 0 "server busy"), and
+    ``max_transfers_per_client`` those of one client address (requests being
+    answered included), so that one client cannot take them all.  ``shown_name`` turns a
     requested file name into what log lines show (it may hide secrets).
     """
 
@@ -676,6 +684,7 @@ class TFTPServer(Service):
         *,
         shutdown_timeout: float = 30.0,
         max_transfers: int = 4096,
+        max_transfers_per_client: int = 64,
         shown_name: Callable[[str], str] = str,
         accept_upload: Callable[[str, tuple[str, int]], defer.Deferred[str | None]] | None = None,
     ):
@@ -696,6 +705,7 @@ class TFTPServer(Service):
         self.log = log if log is not None else Logger(namespace="zprovd.tftp")
         self.shutdown_timeout = shutdown_timeout
         self.max_transfers = max_transfers
+        self.max_transfers_per_client = max_transfers_per_client
         self.shown_name = shown_name
         self.accept_upload = accept_upload
         self.accepting = False
@@ -706,6 +716,8 @@ class TFTPServer(Service):
         transfers since the start, counted as they happen: for /metrics."""
         self._pending: set[defer.Deferred[Any]] = set()
         self._requests: dict[Any, bytes] = {}
+        self._per_client: Counter[str] = Counter()
+        """Requests accepted and not yet ended (``_forget_request``), by client host."""
         self._drained: defer.Deferred[None] | None = None
         self._stop_waiters: list[defer.Deferred[None]] = []
 
@@ -787,10 +799,16 @@ class TFTPServer(Service):
         return result
 
     def _forget_request(self, key: Any) -> None:
+        """An accepted request has ended (called once for each, however it ended)."""
         # key is (our address the request came to, client, request datagram); only the entry
         # of that very request is removed.
         if self._requests.get(key[:2]) == key[2]:
             del self._requests[key[:2]]
+        host = key[1][0]
+        if self._per_client[host] > 1:
+            self._per_client[host] -= 1
+        else:
+            del self._per_client[host]
 
     def _abort_all(self) -> None:
         for transfer in list(self._transfers):
