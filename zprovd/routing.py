@@ -148,6 +148,10 @@ def _first(query: dict[str, list[str]], names: list[str]) -> str | None:
 KNOWN_ROUTES = 100_000
 """Desk-phone routes remembered (all forgotten at once when full)."""
 
+KNOWN_ROUTE_BYTES = 16 << 20
+"""Characters of path and user agent the remembered routes may hold: a
+client sending a different 8 KB User-Agent each time fills this, not memory."""
+
 
 class Router:
     def __init__(
@@ -162,6 +166,7 @@ class Router:
         self.zoiper_paths = {p.strip("/").lower() for p in zoiper.paths}
         self.firmware = firmware
         self._known: dict[tuple[bool, str, str], Route] = {}
+        self._known_size = 0
 
     def route(self, request: Request) -> Route:
         """What the request asks for.  Desk-phone routes depend only on the
@@ -173,9 +178,12 @@ class Router:
             return known
         route = self._route(request)
         if isinstance(route, (PerMacRoute, GenericRoute)):
-            if len(self._known) >= KNOWN_ROUTES:
+            size = len(request.path) + len(request.user_agent)
+            if len(self._known) >= KNOWN_ROUTES or self._known_size + size > KNOWN_ROUTE_BYTES:
                 self._known.clear()
+                self._known_size = 0
             self._known[key] = route
+            self._known_size += size
         return route
 
     def _route(self, request: Request) -> Route:

@@ -157,3 +157,15 @@ def test_split_path_never_returns_unsafe_segments(path):
 def test_router_never_raises(router, path, agent):
     router.route(http(path, user_agent=agent))
     router.route(Request("tftp", path, user_agent=agent))
+
+
+def test_remembered_routes_are_bounded_in_bytes_too(router, monkeypatch):
+    """A different long User-Agent on every request cannot make the route memory grow without bound."""
+    import zprovd.routing as routing
+
+    monkeypatch.setattr(routing, "KNOWN_ROUTE_BYTES", 100_000)
+    router = Router(router.catalogue, ZOIPER)
+    for i in range(100):
+        route = router.route(http("/acme-a1.cfg", user_agent=f"Acme-A1 {i:05d} " + "x" * 8000))
+        assert isinstance(route, GenericRoute)
+        assert router._known_size <= 100_000 and len(router._known) <= 13
