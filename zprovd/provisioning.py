@@ -277,9 +277,14 @@ class Provisioner:
         self._keys_learnt(None)
 
     def _answer_known(self, request: Request) -> Response | Deferred:
-        if self.policy.scans.banned_for(request.client, self.clock()) > 0:
-            return _text(403, "Forbidden", reason="scanning")
         route = self.router.route(request)
+        # Zoiper shows the text of an <error> document; anything else gets plain text.
+        zoiper = isinstance(route, ZoiperRoute)
+        if self.policy.scans.banned_for(request.client, self.clock()) > 0:
+            if zoiper:
+                return self.zoiper_error(403, "Too many failed attempts. Please try again later.", route.login or "-",
+                                         "scanning")
+            return _text(403, "Forbidden", reason="scanning")
         if isinstance(route, BadRequest):
             return _text(400, "Bad request", reason=route.reason)
         if isinstance(route, NotFound):
@@ -287,7 +292,11 @@ class Provisioner:
         refusal = self.policy.address_refusal(GROUPS[type(route)], request.protocol, request.client)
         if refusal is not None:
             who = route.mac if isinstance(route, PerMacRoute) else getattr(route, "login", None) or "-"
-            return self._refuse(refusal, request, who, "")
+            refused = self._refuse(refusal, request, who, "")
+            if zoiper:
+                return self.zoiper_error(refused.status, "Provisioning is not available from this network.", who,
+                                         refused.reason)
+            return refused
         if isinstance(route, PerMacRoute):
             return self._per_mac(route, request)
         if isinstance(route, ZoiperRoute):

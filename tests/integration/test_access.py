@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -59,8 +60,11 @@ def daemons():
 
 
 def test_cidr_allow_lists_per_group_and_protocol(tmp_path, daemons):
-    d = start(tmp_path, '[access.per_mac]\nallow = ["127.0.0.2/32"]\ntftp_allow = []\n')
+    d = start(tmp_path, '[access.per_mac]\nallow = ["127.0.0.2/32"]\ntftp_allow = []\n'
+                        '[access.zoiper]\nallow = ["127.0.0.2/32"]\n')
     daemons.append(d)
+    status, body = curl_status(d.url("http", "/zoiper?user=u&password=p"))  # Zoiper shows an <error> document
+    assert status == 403 and etree.fromstring(body).get("code") == "1"
     url = d.url("http", f"/{MAC}.cfg")
     status, body = curl_status(url, "--interface", "127.0.0.2")
     assert status == 200 and SECRET.encode() in body
@@ -243,6 +247,8 @@ def test_scan_from_one_address_is_refused_and_a_real_phone_still_served(tmp_path
     d.wait_for_log('who=- "scanning"')
     # the scanner is refused everything, a real phone elsewhere is served
     assert curl_status(d.url("http", f"/{MAC}.cfg"))[0] == 403
+    status, body = curl_status(d.url("http", "/zoiper?user=u&password=p"))  # Zoiper shows an <error> document
+    assert status == 403 and etree.fromstring(body).tag == "error" and etree.fromstring(body).get("code") == "1"
     status, body = curl_status(d.url("http", f"/{MAC}.cfg"), "--interface", "127.0.0.2")
     assert status == 200 and SECRET.encode() in body
     seen = run_cli(d.config, "device", "seen").stdout.strip().splitlines()
