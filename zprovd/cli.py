@@ -181,13 +181,23 @@ def cmd_check(s: Session, args) -> int:
     except CommandError as exc:
         problems.append(str(exc))
     https = s.config.https
-    if https.listen and https.certificate and https.private_key:
+    if https.listen:
         from zprovd import tls
 
         try:
-            tls.load_pem_chain(tls.CertificatePaths(https.certificate, https.private_key))
+            if https.certificate and https.private_key:
+                tls.load_pem_chain(tls.CertificatePaths(https.certificate, https.private_key))
+            if https.client_ca is not None:
+                tls.load_client_cas(https.client_ca)
         except tls.TLSError as exc:
             problems.append(f"https: {exc}")
+    if s.config.server.user:
+        from zprovd.privileges import PrivilegeError, user_and_group
+
+        try:
+            user_and_group(s.config.server.user, s.config.server.group)
+        except PrivilegeError as exc:
+            problems.append(str(exc))
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

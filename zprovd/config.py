@@ -340,6 +340,22 @@ def register_section(name: str, parser: SectionParser) -> None:
     SECTION_PARSERS[name] = parser
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether two listening hosts (of one port) take the same address: equal, or a wildcard of the same family."""
+    if a == b:
+        return True
+    wildcards = {"0.0.0.0": "4", "::": "6"}
+    family_a, family_b = ("6" if ":" in a else "4"), ("6" if ":" in b else "4")
+    return (a in wildcards or b in wildcards) and family_a == family_b
+
+
+def _must_be_folder(reader: "SectionReader", key: str, path: Path | None) -> None:
+    """A folder the operator names must exist: a typo must not silently turn
+    off overrides, firmware or uploads."""
+    if path is not None and not path.is_dir():
+        reader.error(key, f"{path} is not a folder" if path.exists() else f"{path} does not exist")
+
+
 def _register_builtin_subsystems() -> None:
     # Imported here so that config.py stays importable on its own.
     from zprovd.dhcp import config as dhcp_config  # noqa: F401  (registers [dhcp])
@@ -465,6 +481,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         upload_max_bytes=s.integer("upload_max_bytes", 1 << 20, 0, 1 << 30),
         max_transfers_per_client=s.integer("max_transfers_per_client", 64, 1, 4096),
     )
+    _must_be_folder(s, "firmware_dir", tftp.firmware_dir)
+    _must_be_folder(s, "upload_dir", tftp.upload_dir)
     s.finish()
 
     s = section("backend")
@@ -504,6 +522,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
             dirs.append(_resolve(d, base))
         except ValueError as exc:
             s.error("dirs", str(exc))
+        else:
+            _must_be_folder(s, "dirs", dirs[-1])
     templates = TemplatesConfig(dirs=dirs)
     s.finish()
 
@@ -540,11 +560,23 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         group=s.string("group", ""),
         shutdown_timeout=s.integer("shutdown_timeout", 30, 0, 3600),
     )
+    if server_section.group and not server_section.user:
+        s.error("group", "needs [server] user (zprovd switches to both once its ports are bound)")
     s.finish()
 
     s = section("metrics")
     metrics = MetricsConfig(listen=s.listen("listen", ["127.0.0.1:9151"]))
     s.finish()
+
+    # HTTP, HTTPS and metrics share TCP: one address cannot serve two of them.
+    taken: dict[tuple[str, int], str] = {}
+    for name, listens in (("http", http.listen), ("https", https.listen), ("metrics", metrics.listen)):
+        for listen in listens:
+            clash = next((other for (host, port), other in taken.items()
+                          if port == listen.port != 0 and _overlap(host, listen.host)), None)
+            if clash is not None and clash != name:
+                problems.append(f"{path}: [{name}] listen: {listen} is also where [{clash}] listens")
+            taken.setdefault((listen.host, listen.port), name)
 
     access = _parse_access(section("access"))
     if access.per_mac.client_certificate and https.client_ca is None:

@@ -16,26 +16,30 @@ class PrivilegeError(Exception):
     """The user or group cannot be switched to; one line for the operator."""
 
 
-def drop_privileges(user: str, group: str, state_dir: Path) -> None:
-    """Hand state_dir to ``user`` and switch to it (and ``group``, or its primary group)."""
+def user_and_group(user: str, group: str) -> tuple[int, int]:
+    """The uid of ``user`` and the gid of ``group`` (or of the user's primary group)."""
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise PrivilegeError(f"[server] user: no such user {user!r}") from None
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise PrivilegeError(f"[server] group: no such group {group!r}") from None
-    else:
-        gid = entry.pw_gid
+    if not group:
+        return entry.pw_uid, entry.pw_gid
+    try:
+        return entry.pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise PrivilegeError(f"[server] group: no such group {group!r}") from None
+
+
+def drop_privileges(user: str, group: str, state_dir: Path) -> None:
+    """Hand state_dir to ``user`` and switch to it (and ``group``, or its primary group)."""
+    uid, gid = user_and_group(user, group)
     try:
         for folder, _, files in os.walk(state_dir):
-            os.chown(folder, entry.pw_uid, gid)
+            os.chown(folder, uid, gid)
             for name in files:
-                os.chown(os.path.join(folder, name), entry.pw_uid, gid)
+                os.chown(os.path.join(folder, name), uid, gid)
         os.setgroups([])
         os.setgid(gid)
-        os.setuid(entry.pw_uid)
+        os.setuid(uid)
     except OSError as exc:
         raise PrivilegeError(f"cannot switch to user {user}: {exc.strerror}") from None

@@ -146,6 +146,26 @@ def test_check_reports_ok_and_problems(tmp_path):
     assert "template yealink/mac.cfg.j2: syntax error line 1" in r.stderr
 
 
+@pytest.mark.parametrize("extra, problem", [
+    ('[server]\nuser = "no-such-user-zp"\n', "[server] user: no such user 'no-such-user-zp'"),
+    ('[server]\nuser = "root"\ngroup = "no-such-group-zp"\n', "[server] group: no such group 'no-such-group-zp'"),
+])
+def test_check_finds_what_run_would_refuse(tmp_path, extra, problem):
+    config = free_config(tmp_path)
+    config.write_text(config.read_text() + "\n" + extra)
+    r = run_cli(config, "check")
+    assert r.returncode == 1 and problem in r.stderr, r.stderr
+
+
+def test_check_reads_the_client_ca(tmp_path):
+    config = free_config(tmp_path)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    config.write_text(config.read_text().replace("[https]\n", f'[https]\nclient_ca = "{ca}"\n', 1))
+    r = run_cli(config, "check")
+    assert r.returncode == 1 and f"https: {ca} is not a PEM bundle of CA certificates" in r.stderr, r.stderr
+
+
 def test_the_open_files_limit_is_raised_for_transfers_and_connections(tmp_path, daemon_factory):
     import resource
 

@@ -59,6 +59,39 @@ def test_unusable_sip_vars_are_refused(tmp_path, vars, reason):
     assert problem == f"{tmp_path / 'z.toml'}: [provisioning] vars: {reason}"
 
 
+def test_folders_that_do_not_exist_are_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    found = problems_of(tmp_path, MINIMAL + '[templates]\ndirs = ["ops-typo"]\n'
+                        '[tftp]\nfirmware_dir = "fw"\nupload_dir = "file"\n')
+    z = tmp_path / "z.toml"
+    assert found == [f"{z}: [tftp] firmware_dir: {tmp_path / 'fw'} does not exist",
+                     f"{z}: [tftp] upload_dir: {tmp_path / 'file'} is not a folder",
+                     f"{z}: [templates] dirs: {tmp_path / 'ops-typo'} does not exist"]
+
+
+def test_a_group_needs_a_user(tmp_path):
+    [problem] = problems_of(tmp_path, MINIMAL + '[server]\ngroup = "zprovd"\n')
+    assert problem.startswith(f"{tmp_path / 'z.toml'}: [server] group: needs [server] user")
+
+
+@pytest.mark.parametrize("listens, problem", [
+    (('["127.0.0.1:8080"]', '["127.0.0.1:8080"]', "[]"), "[https] listen: 127.0.0.1:8080 is also where [http] listens"),
+    (('["0.0.0.0:8080"]', "[]", '["127.0.0.1:8080"]'), "[metrics] listen: 127.0.0.1:8080 is also where [http] listens"),
+])
+def test_one_tcp_address_serves_one_of_http_https_and_metrics(tmp_path, listens, problem):
+    http, https, metrics = listens
+    [found] = problems_of(tmp_path, MINIMAL + f"[http]\nlisten = {http}\n[https]\nlisten = {https}\n"
+                          f"[metrics]\nlisten = {metrics}\n")
+    assert found == f"{tmp_path / 'z.toml'}: {problem}"
+
+
+def test_the_same_port_on_other_addresses_is_fine(tmp_path):
+    path = tmp_path / "z.toml"
+    path.write_text(MINIMAL + '[http]\nlisten = ["127.0.0.1:8080", "[::1]:8080"]\n[https]\nlisten = ["127.0.0.2:8080", "0.0.0.0:0"]\n'
+                    '[metrics]\nlisten = ["127.0.0.1:0"]\n')
+    load_config(path)
+
+
 def test_unknown_section_and_top_level_key(tmp_path):
     found = problems_of(tmp_path, 'stat_dir = "x"\n' + MINIMAL + "[htp]\n")
     assert f"{tmp_path / 'z.toml'}: top level stat_dir: unknown key" in found
