@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from functools import partial
@@ -435,6 +436,19 @@ def test_a_version_1_file_is_migrated_keeping_its_data(tmp_path: Path, monkeypat
 
 # ---------------------------------------------------------------------------
 # backup
+
+
+def test_a_new_database_is_its_owners_only_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        backend = opened(tmp_path)
+        result_of(backend.save_user(user("alice", "201", "202")))
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "state").glob("zprovd.sqlite3*"))
+    assert [f.name for f in files][:2] == ["zprovd.sqlite3", "zprovd.sqlite3-shm"] and files
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}  # SIP passwords inside
+    result_of(backend.close())
 
 
 def test_backup_is_a_private_copy_that_opens_as_the_same_records(tmp_path):

@@ -394,6 +394,14 @@ class SQLiteBackend:
             raise BackendError(f"{self.path}: cannot open database: permission denied "
                                "(zprovd needs to read and write it)")
         try:
+            # A new database is its owner's only, whatever the umask: it holds
+            # SIP passwords.  SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise BackendError(f"{self.path}: cannot create database: {exc.strerror or exc}") from None
+        try:
             db = self._connect(create=True)
         except sqlite3.Error as exc:
             raise BackendError(f"{self.path}: cannot open database: {_describe(exc)}") from None
