@@ -128,6 +128,20 @@ def run_cli(config: Path, *args: str, env: dict | None = None, input: str | None
     )
 
 
+_STARTED: list[subprocess.Popen] = []
+"""Every daemon process the tests started (``_no_daemon_outlives_the_run`` ends them)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_run():
+    """A test that fails before stopping its daemon must not leave it running after the suite."""
+    yield
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class Daemon:
     """``zprovd run`` as a subprocess; knows the ports it bound and its log.
 
@@ -156,6 +170,7 @@ class Daemon:
             [*inside, sys.executable, "-m", "zprovd", "-c", str(self.config), "run"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
         )
+        _STARTED.append(self.proc)
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
