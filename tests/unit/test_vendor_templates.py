@@ -878,6 +878,20 @@ def test_gigaset_lines_on_one_server_share_a_provider():
     assert sorted(k for k in values if k.endswith(".Domain")) == ["SipProvider.0.Domain", "SipProvider.1.Domain"]
 
 
+@pytest.mark.parametrize("model_id, digits", [("gigaset-n510", 1), ("gigaset-n870", 5)])
+def test_gigaset_slots_without_a_line_are_emptied(model_id, digits):
+    """A user taken off the base must stop registering: its slot is written empty, up to max_lines."""
+    model = CATALOGUE.get(model_id)
+    users = [User("a", "x", "A", [SipAccount("2001", "pa", "pbx.example.com")])]
+    values = parse_gigaset(render_device(model, MAC + ".xml", "gigaset/mac.xml.j2", users))
+    slot = lambda n: f"SipAccount.{n:0{digits}d}"  # noqa: E731
+    assert values[f"{slot(1)}.UserName"] == "2001"
+    for n in range(2, max_lines(model) + 1):
+        assert {f: values.get(f"{slot(n)}.{f}") for f in ("AuthName", "AuthPassword", "UserName", "DisplayName")} == \
+            dict.fromkeys(("AuthName", "AuthPassword", "UserName", "DisplayName"), "")
+    assert f"{slot(max_lines(model) + 1)}.UserName" not in values
+
+
 # === any value survives the trip ===============================================
 
 # Printable text: no control characters (XML 1.0 cannot carry most of them,
