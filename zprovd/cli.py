@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import time
 from pathlib import Path
@@ -297,6 +298,9 @@ def cmd_user_add(s: Session, args) -> int:
 
 def cmd_user_add_account(s: Session, args) -> int:
     _read_secrets(args, "sip_password")
+    for name in ("sip_user", "sip_password"):
+        if not getattr(args, name):
+            raise CommandError(f"--{name.replace('_', '-')} must not be empty")
     account = SipAccount(
         sip_user=args.sip_user,
         sip_password=args.sip_password,
@@ -919,6 +923,11 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_FAIL
     except BackendError as exc:
         print(f"zprovd: backend {config.backend.type}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except BrokenPipeError:
+        # The reader went away (`zprovd user list | head`): stop quietly, and
+        # let nothing try to flush to the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAIL
     finally:
         if args.handler is not cmd_run:

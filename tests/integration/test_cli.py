@@ -229,6 +229,8 @@ def test_edits_at_the_same_moment_are_all_kept(config):
     (["user", "edit", "alice"], "nothing to change (see `zprovd user edit --help`)"),
     (["user", "edit", "alice", "--account", "2", "--sip-user", "x"], "user alice has 1 SIP account(s), not an account 2"),
     (["user", "edit", "alice", "--sip-password", ""], "--sip-password must not be empty"),
+    (["user", "add-account", "alice", "--sip-user", "", "--sip-password", "x"], "--sip-user must not be empty"),
+    (["user", "add-account", "alice", "--sip-user", "200", "--sip-password", ""], "--sip-password must not be empty"),
     (["user", "edit", "alice", "--unset-var", "nope"], "--unset-var nope: the user has no such var"),
     (["user", "edit", "ghost", "--password", "x"], "no user ghost"),
     (["device", "edit", "001565aabbcc"], "nothing to change (see `zprovd device edit --help`)"),
@@ -368,3 +370,17 @@ def test_password_asked_for_on_a_terminal_is_not_echoed(config):
     assert os.waitstatus_to_exitcode(status) == 0, seen
     assert b"user alice saved" in seen and b"typed-secret" not in seen
     assert "typed-secret" in ok(config, "render", "--user", "alice")
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(config):
+    """`zprovd user list | head -1`: the pipe closes before zprovd has written."""
+    import subprocess
+    import sys
+
+    ok(config, "user", "add", "alice", "--password", "pw")
+    for args in (["user", "list"], ["models"]):
+        proc = subprocess.Popen([sys.executable, "-m", "zprovd", "-c", str(config), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # before Python has even started
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 1 and "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
