@@ -569,6 +569,9 @@ def cmd_device_remove(s: Session, args) -> int:
 
 
 def cmd_device_seen(s: Session, args) -> int:
+    if getattr(s.backend, "forget_seen", None) is None:
+        print(f"zprovd: backend {s.config.backend.type} keeps the phones it has seen in the daemon's memory only: "
+              "the daemon's log lists them (\"unknown phone\")", file=sys.stderr)
     seen = wait(s.backend.list_seen())
     _table(
         s.out,
@@ -628,18 +631,20 @@ def cmd_import(s: Session, args) -> int:
         raise CommandError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise CommandError(f"{path}: not UTF-8 text") from None
+    catalogue = s.catalogue()
     try:
-        users, devices = parse_csv(text, str(path), s.config.provisioning.server)
+        users, devices = parse_csv(text, str(path), s.config.provisioning.server,
+                                   known_model=lambda model: catalogue.get(model) is not None)
     except CSVImportError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         raise CommandError(f"{path}: nothing imported ({len(exc.problems)} problem(s))") from None
-    catalogue = s.catalogue()
-    unknown = sorted({d.model for d in devices if catalogue.get(d.model) is None})
-    if unknown:
-        raise CommandError(f"{path}: nothing imported: unknown model(s) {', '.join(unknown)}")
+    # Rows replace the users and devices of the same login or MAC: say how many.
+    replaced_users = sum(1 for u in users if wait(s.backend.get_user(u.login)) is not None)
+    replaced_devices = sum(1 for d in devices if wait(s.backend.get_device(d.mac)) is not None)
     wait(s.backend.import_records(users, devices))
-    s.out.write(f"imported {len(users)} users and {len(devices)} devices from {path}\n")
+    s.out.write(f"imported {len(users)} users ({replaced_users} replaced) and {len(devices)} devices "
+                f"({replaced_devices} replaced) from {path}\n")
     return EXIT_OK
 
 

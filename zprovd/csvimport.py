@@ -132,10 +132,13 @@ def parse_csv(
     default_domain: str,
     *,
     hasher: Callable[[str], str] | None = None,
+    known_model: Callable[[str], bool] | None = None,
 ) -> tuple[list[User], list[Device]]:
     """Parse the import format into users and devices (both in first-appearance order).
 
     ``source`` names the text in problems (usually the file name).
+    ``known_model(model)``, if given, says whether the catalogue has that
+    model; a row naming another is a problem of its line.
     ``hasher`` turns a plain password into ``User.password_hash``; it
     defaults to ``zprovd.passwords.hash_password``.  Raises CSVImportError
     listing every problem; never anything else for any text.
@@ -273,6 +276,9 @@ def parse_csv(
         model = cell("model")
         if not model:
             problem(line, f"model: required when mac is set ({mac_text})")
+            continue
+        if known_model is not None and not known_model(model):
+            problem(line, f"model: unknown model {model!r} (`zprovd models` lists them)")
             continue
         device = devices.get(mac)
         if device is None:

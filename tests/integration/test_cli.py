@@ -77,7 +77,7 @@ def test_import_is_all_or_nothing_and_names_the_line(config, tmp_path):
         "ann,ann-pw,Ann,202,,sip-202,pbx.example.org,,,es\n"
         "ben,ben-pw,Ben,203,,,,00:15:65:00:00:01,yealink-t48g,\n"
     )
-    assert "imported 2 users and 1 devices" in ok(config, "import", str(good))
+    assert "imported 2 users (0 replaced) and 1 devices (0 replaced)" in ok(config, "import", str(good))
     out = ok(config, "user", "show", "ann")
     assert "account 2:" in out and "var:           language=es" in out
     assert "users:         ann, ben" in ok(config, "device", "show", "001565000001")
@@ -94,8 +94,12 @@ def test_import_is_all_or_nothing_and_names_the_line(config, tmp_path):
     unknown = tmp_path / "unknown-model.csv"
     unknown.write_text("login,password,mac,model\neve,eve-pw,001565000003,acme-x1\n")
     r = run_cli(config, "import", str(unknown))
-    assert r.returncode == 1 and "unknown model(s) acme-x1" in r.stderr
+    assert r.returncode == 1 and f"{unknown}:2: model: unknown model 'acme-x1'" in r.stderr
     assert "eve" not in ok(config, "user", "list")
+    # A row for an existing login or MAC replaces it, and the summary says so.
+    again = tmp_path / "again.csv"
+    again.write_text("login,password,mac,model\nann,new-pw,00:15:65:00:00:01,yealink-t46g\nfay,fay-pw,,\n")
+    assert "imported 2 users (1 replaced) and 1 devices (1 replaced)" in ok(config, "import", str(again))
 
 
 def test_default_config_path_comes_from_the_environment(config, tmp_path):
@@ -162,6 +166,8 @@ def test_device_forget_on_a_backend_that_keeps_seen_phones_in_memory_says_so(tmp
     config = free_config(tmp_path, backend='type = "csv"\npath = "users.csv"')
     r = run_cli(config, "device", "forget", "--all")
     assert r.returncode == 1 and "backend csv keeps the phones it has seen in the daemon's memory only" in r.stderr
+    r = run_cli(config, "device", "seen")  # an empty list, and why
+    assert r.returncode == 0 and "backend csv keeps the phones it has seen in the daemon's memory only" in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [
