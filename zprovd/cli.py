@@ -132,7 +132,7 @@ def cmd_run(s: Session, args) -> int:
     import gc
     import signal
 
-    from twisted.logger import LogLevel
+    from twisted.logger import LogLevel, Logger
 
     from zprovd import reactor as event_loop
 
@@ -144,6 +144,15 @@ def cmd_run(s: Session, args) -> int:
     start_logging(s.config.log.format, LogLevel.levelWithName(s.config.log.level))
     daemon = Daemon(s.config, reactor)
     status = [EXIT_OK]
+    json_lines = s.config.log.format == "json"
+    run_log = Logger(namespace="zprovd.run")
+
+    def say(text: str) -> None:
+        """A start-up line: plain on stderr, or a log line where every line must be JSON."""
+        if json_lines:
+            run_log.info("{text}", text=text)
+        else:
+            print(f"zprovd: {text}", file=sys.stderr, flush=True)
 
     def started(_):
         # What start-up loaded (modules, templates, catalogue) lives as long
@@ -152,11 +161,16 @@ def cmd_run(s: Session, args) -> int:
         gc.collect()
         gc.freeze()
         for bound in daemon.bound:
-            print(f"zprovd: serving {bound.protocol} on {bound.host}:{bound.port}", file=sys.stderr, flush=True)
+            say(f"serving {bound.protocol} on {bound.host}:{bound.port}")
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(daemon.reload))
 
     def failed(failure: Failure):
-        if failure.check(StartupError):
+        if json_lines:
+            if failure.check(StartupError):
+                run_log.error("{text}", text=str(failure.value))
+            else:
+                run_log.failure("cannot start: {text}", failure, text=failure.getErrorMessage())
+        elif failure.check(StartupError):
             print(f"zprovd: {failure.value}", file=sys.stderr, flush=True)
         else:
             print(f"zprovd: cannot start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)

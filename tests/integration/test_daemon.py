@@ -182,3 +182,19 @@ def test_the_open_files_limit_is_raised_for_transfers_and_connections(tmp_path, 
     wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     assert line.split()[3] == str(wanted), line
     d.wait_for_log(f"open files limit raised from 256 to {wanted}")
+
+
+def test_with_json_logs_every_line_is_json(tmp_path, daemon_factory):
+    import json
+    import time
+
+    config = free_config(tmp_path)
+    config.write_text(config.read_text() + '\n[log]\nformat = "json"\nlevel = "info"\n')
+    d = daemon_factory(config).start(expect=())  # no plain "serving" lines to wait for
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum('"serving ' in line for line in d.lines) < 4:
+        time.sleep(0.1)
+    assert d.stop() == 0
+    records = [json.loads(line) for line in d.log.splitlines()]  # every line parses
+    serving = [r["message"] for r in records if r["message"].startswith("serving ")]
+    assert [m.split()[1] for m in serving] == ["http", "https", "metrics", "tftp"], serving
