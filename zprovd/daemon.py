@@ -230,6 +230,12 @@ class Daemon(MultiService):
                 paths = tls.ensure_self_signed(config.state_dir, config.provisioning.server)
             except OSError as exc:
                 raise StartupError(f"cannot create a certificate in {config.state_dir}: {exc}") from None
+            if not tls.names_server(paths, config.provisioning.server):
+                # Made for an earlier [provisioning] server; a new one would break phones that trust it.
+                log.warn("the self-signed certificate {path} does not name [provisioning] server {server}: "
+                         "phones that check names will refuse it; remove {folder} and restart to make a new one",
+                         path=str(paths.certificate), server=config.provisioning.server,
+                         folder=str(paths.certificate.parent))
         try:
             return tls.server_context(paths, cfg.client_ca)
         except tls.TLSError as exc:

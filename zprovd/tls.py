@@ -72,6 +72,22 @@ def ensure_self_signed(state_dir: Path, server_name: str) -> CertificatePaths:
     return paths
 
 
+def names_server(paths: CertificatePaths, server_name: str) -> bool:
+    """Whether the certificate's subject alternative names include ``server_name``
+    (an unreadable certificate counts as naming it: loading it reports that)."""
+    if not server_name:
+        return True
+    try:
+        cert = x509.load_pem_x509_certificate(paths.certificate.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return True
+    try:
+        return ipaddress.ip_address(server_name) in names.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        return server_name.lower() in (n.lower() for n in names.get_values_for_type(x509.DNSName))
+
+
 def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
