@@ -51,7 +51,7 @@ from zprovd.routing import (
     split_path,
 )
 from zprovd.sipvars import LineError
-from zprovd.throttle import FailureLimiter
+from zprovd.throttle import FailureLimiter, KeyedGate
 from zprovd.uploads import upload_name
 
 log = Logger(namespace="zprovd.provisioning")
@@ -132,6 +132,15 @@ enough to be promoted to the cycle collector's old generation, and at 10 s
 the bench's 18,000 requests/s brought a 100-160 ms full pass every 8 s."""
 RECORDED_FETCHES = 200_000
 
+LOOKUPS_PER_CLIENT = 4
+"""Per-MAC look-ups (not answered from the document cache) one client address
+has running at once; the others wait (``throttle.KeyedGate``).  Requests
+sent all at once then meet the scan detector as requests in a row would: a
+burst of unknown MACs is refused after ``[access.scan] max_misses`` plus a
+few, not answered in full."""
+LOOKUPS_WAITING_PER_CLIENT = 1000
+"""Look-ups that may wait per client address; more get 503."""
+
 GROUPS = {ZoiperRoute: "zoiper", GenericRoute: "generic", PerMacRoute: "per_mac", FirmwareRoute: "firmware"}
 
 
@@ -195,6 +204,7 @@ class Provisioner:
         self.zoiper_documents = ZoiperDocuments(renderer)
         z = config.zoiper
         self.limiter = FailureLimiter(z.max_failures, z.failure_window, z.lockout)
+        self.lookups = KeyedGate(LOOKUPS_PER_CLIENT, LOOKUPS_WAITING_PER_CLIENT)
         self._dummy_hash = passwords.hash_password(os.urandom(16).hex())
         self.policy = Policy(config.access)
         self._unique = itertools.count()
@@ -423,13 +433,23 @@ class Provisioner:
         generation = self._generation()
         document = self.documents.get(key, generation, _info_key(request))
         if document is None:
-            return self._per_mac_lookup(route, request, _info(request), key, generation)
+            # One client's look-ups run a few at a time, so that the scan
+            # detector has counted the unknown MACs of earlier ones.
+            lookup = self.lookups.run(request.client, lambda: self._gated_lookup(route, request, key, generation))
+            if lookup is None:
+                return _text(503, "Service unavailable", who=mac, reason="too many requests at once")
+            return lookup
         device = document.record
         if not policy.device_is_open(device):
             refusal = self._device_refusal(route, request, device, self.clock())
             if refusal is not None:
                 return refusal
         return self._deliver(route, request, device.mac, document.response)
+
+    def _gated_lookup(self, route: PerMacRoute, request: Request, key: Any, generation: Any) -> Response | Deferred:
+        if self.policy.scans.banned_for(request.client, self.clock()) > 0:  # banned while it waited
+            return _text(403, "Forbidden", reason="scanning")
+        return self._per_mac_lookup(route, request, _info(request), key, generation)
 
     def _device_refusal(self, route: PerMacRoute, request: Request, device: Device, now: float) -> Response | None:
         policy = self.policy

@@ -1,4 +1,4 @@
-"""Slowing down password guessing: a pure failure counter with an injected clock.
+"""Slowing down guessing: a failure counter with an injected clock, and a gate per client.
 
 A key (a client address, a login) that fails ``max_failures`` times within
 ``window`` seconds is refused for ``lockout`` seconds.  A success clears the
@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, maybeDeferred
 
 MAX_KEYS = 100_000
 
@@ -85,3 +88,64 @@ class FailureLimiter:
         while len(self._records) > self.max_keys:  # bounded memory under a flood
             self._records.popitem(last=False)
         return record
+
+
+class KeyedGate:
+    """At most ``limit`` calls running at once per key (a client address); later ones wait in order.
+
+    For work whose outcome feeds a limit on that key: the scan detector
+    counts an unknown MAC once its look-up has ended, so look-ups sent all at
+    once would all run before the first was counted.  Through the gate, a
+    waiting call starts only after earlier ones have ended (and been
+    counted), and may check the limit again first.  At most ``max_waiting``
+    calls wait per key: :meth:`run` returns None for more.
+    """
+
+    def __init__(self, limit: int, max_waiting: int):
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self._running: dict[str, int] = {}
+        self._waiting: dict[str, deque[tuple[Callable[[], Any], Deferred]]] = {}
+        self._ready: deque[str] = deque()
+        self._starting = False
+
+    def run(self, key: str, call: Callable[[], Any]) -> Deferred | None:
+        """``call()``'s result (a Deferred), now or once earlier calls for ``key`` end; None if too many wait."""
+        queue = self._waiting.get(key)
+        if queue is None and self._running.get(key, 0) < self.limit:
+            return self._start(key, call)
+        if queue is None:
+            queue = self._waiting[key] = deque()
+        if len(queue) >= self.max_waiting:
+            return None
+        waiter: Deferred = Deferred()
+        queue.append((call, waiter))
+        return waiter
+
+    def _start(self, key: str, call: Callable[[], Any]) -> Deferred:
+        self._running[key] = self._running.get(key, 0) + 1
+        d = maybeDeferred(call)
+        d.addBoth(self._ended, key)
+        return d
+
+    def _ended(self, result: Any, key: str) -> Any:
+        running = self._running[key] - 1
+        if running:
+            self._running[key] = running
+        else:
+            del self._running[key]
+        self._ready.append(key)
+        if not self._starting:  # a call ending at once inside _start: the loop below goes on, no recursion
+            self._starting = True
+            try:
+                while self._ready:
+                    ready = self._ready.popleft()
+                    queue = self._waiting.get(ready)
+                    if queue and self._running.get(ready, 0) < self.limit:
+                        call, waiter = queue.popleft()
+                        if not queue:
+                            del self._waiting[ready]
+                        self._start(ready, call).chainDeferred(waiter)
+            finally:
+                self._starting = False
+        return result

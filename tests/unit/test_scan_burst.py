@@ -1,0 +1,104 @@
+"""Unknown MACs sent all at once meet the scan detector as MACs asked in a row.
+
+A real Provisioner over a real SQLite backend (``test_document_cache.World``)
+whose look-ups, which the daemon runs in a thread, wait until the test lets
+them run, as they would while a burst of requests arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from test_document_cache import MAC, World, result_of
+from zprovd.provisioning import LOOKUPS_PER_CLIENT, Response
+from zprovd.routing import Request
+from zprovd.throttle import KeyedGate
+
+SCANNER = "192.0.2.66"
+
+
+class HeldCalls:
+    """``run_blocking`` whose calls wait until :meth:`run_all`."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Deferred, Any, tuple]] = []
+
+    def __call__(self, f, *args) -> Deferred:
+        d: Deferred = Deferred()
+        self.held.append((d, f, args))
+        return d
+
+    def run_all(self) -> None:
+        while self.held:
+            held, self.held = self.held, []
+            for d, f, args in held:
+                maybeDeferred(f, *args).chainDeferred(d)
+
+
+def test_a_burst_of_unknown_macs_is_refused_like_macs_asked_in_a_row(tmp_path):
+    world = World(tmp_path, "[access.scan]\nmax_misses = 5\n")
+    calls = HeldCalls()
+    world.backend.context = replace(world.backend.context, run_blocking=calls)
+    answers = [world.provisioner.answer(Request(protocol="http", path=f"/001565{n:06x}.cfg", client=SCANNER))
+               for n in range(1, 41)]
+    assert len(calls.held) <= LOOKUPS_PER_CLIENT  # the others wait their turn
+    calls.run_all()
+    statuses = [result_of(a).status for a in answers]
+    assert statuses.count(404) <= 5 + LOOKUPS_PER_CLIENT - 1 < 20  # max_misses, plus those already running
+    assert statuses.count(403) == 40 - statuses.count(404)
+    # A phone elsewhere is not held up, nor refused.
+    phone = world.provisioner.answer(Request(protocol="http", path=f"/{MAC}.cfg", client="192.0.2.10"))
+    calls.run_all()
+    assert result_of(phone).status == 200
+
+
+def test_known_phones_behind_one_address_all_get_their_files(tmp_path):
+    """A site behind NAT booting at once: its look-ups wait, none is refused."""
+    world = World(tmp_path, "[access.scan]\nmax_misses = 5\n")
+    for n in range(1, 21):
+        world.add_user(f"u{n}", f"10{n}")
+        mac = f"001565{n:06x}"
+        from zprovd.backends import Device
+
+        result_of(world.cli.save_device(Device(mac, "yealink-t48g", [f"u{n}"])))
+    world.settle()
+    calls = HeldCalls()
+    world.backend.context = replace(world.backend.context, run_blocking=calls)
+    answers = [world.provisioner.answer(Request(protocol="http", path=f"/001565{n:06x}.cfg", client="198.51.100.1"))
+               for n in range(1, 21)]
+    calls.run_all()
+    assert [result_of(a).status for a in answers] == [200] * 20
+
+
+def test_keyed_gate_runs_a_few_per_key_in_order_without_recursion():
+    gate = KeyedGate(limit=2, max_waiting=3000)
+    started: list[int] = []
+    pending: list[Deferred] = []
+
+    def call(n: int):
+        started.append(n)
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    results = [gate.run("a", lambda n=n: call(n)) for n in range(4)]
+    assert started == [0, 1] and gate.run("b", lambda: "other key") is not None
+    pending[0].callback("r0")
+    assert started == [0, 1, 2] and result_of(results[0]) == "r0"
+    # 2,500 calls that end at once wait behind two that do not: once those
+    # end, they run one after another in a loop, not in a recursion.
+    blockers: list[Deferred] = [Deferred(), Deferred()]
+    for b in blockers:
+        gate.run("c", lambda b=b: b)
+    waiting = [gate.run("c", lambda n=n: n) for n in range(2500)]
+    assert not any(d.called for d in waiting)
+    for b in blockers:
+        b.callback(None)
+    assert [result_of(d) for d in waiting] == list(range(2500))
+    full = KeyedGate(limit=1, max_waiting=1)
+    blocker: Deferred = Deferred()
+    assert full.run("k", lambda: blocker) is not None and full.run("k", lambda: 1) is not None
+    assert full.run("k", lambda: 2) is None  # too many waiting
