@@ -472,6 +472,56 @@ def test_real_dhcpinform_gets_options_without_an_address(client: Net, helpers: H
     assert f"via {p}.50:68: options only (inform)" in helper.log()
 
 
+@needs_dhclient
+def test_replies_come_from_the_server_address_on_an_interface_with_several(client: Net, helpers: HelperFactory,
+                                                                            tmp_path: Path):
+    """A second address on the server's interface (a shared virtual address) as the server identifier:
+    the replies come from it, broadcast or unicast, not from the interface's first address."""
+    p = client.prefix
+    run("ip", "-n", client.server_ns, "addr", "add", f"{p}.9/24", "dev", client.server_if)
+    helper = helpers.start(helpers.config_text("server", server_address=f'"{p}.9"'))
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "dhclient.conf").write_text(DHCLIENT_CONF.format(vendor="Yealink SIP-T54W"))
+    (out / "dhclient.sh").write_text(DHCLIENT_SCRIPT.format(dir=out))
+    (out / "dhclient.sh").chmod(0o755)
+    (out / "dhclient.leases").touch()
+    # dhclient -v names each reply's source address: "DHCPOFFER of A from S", "DHCPACK of A from S".
+    process = subprocess.Popen(
+        client.ns_exec(client.client_ns, "dhclient", "-1", "-d", "-v", "-cf", str(out / "dhclient.conf"),
+                       "-sf", str(out / "dhclient.sh"), "-lf", str(out / "dhclient.leases"),
+                       "-pf", str(out / "dhclient.pid"), client.client_if),
+        stdout=subprocess.DEVNULL, stderr=open(out / "dhclient.log", "w"),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "dhclient-BOUND.env").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    log = (out / "dhclient.log").read_text()
+    assert f"DHCPOFFER of {p}.100 from {p}.9" in log, log + helper.log()  # broadcast to the new client
+    assert f"DHCPACK of {p}.100 from {p}.9" in log, log
+    assert read_env(out / "dhclient-BOUND.env")["new_dhcp_server_identifier"] == f"{p}.9"
+    # Unicast, to a client with an address (DHCPINFORM): from the server address too.
+    run("ip", "-n", client.client_ns, "addr", "add", f"{p}.50/24", "dev", client.client_if)
+    answer = scapy_client(client, tmp_path, inform=True, bind=f"{p}.50", ciaddr=f"{p}.50", server=f"{p}.9",
+                          vendor="Yealink SIP-T46S")
+    assert answer["reply"] is not None and answer["source"] == f"{p}.9", helper.log()
+
+
+def test_a_server_address_not_of_this_host_still_gets_replies_out(client: Net, helpers: HelperFactory, tmp_path: Path):
+    p = client.prefix
+    helper = helpers.start(helpers.config_text("inform", server_address=f'"{p}.77"'))
+    run("ip", "-n", client.client_ns, "addr", "add", f"{p}.50/24", "dev", client.client_if)
+    answer = scapy_client(client, tmp_path, inform=True, bind=f"{p}.50", ciaddr=f"{p}.50", server=client.server_ip,
+                          vendor="Yealink SIP-T46S")
+    assert answer["reply"] is not None and answer["source"] == client.server_ip, helper.log()
+    assert decode(bytes.fromhex(answer["reply"])).server_id == IPv4Address(f"{p}.77")
+    assert f"the server address {p}.77 is not an address of this host" in helper.log()
+
+
 @needs_udhcpc
 def test_inform_mode_does_not_answer_discover(client: Net, helpers: HelperFactory, tmp_path: Path):
     helper = helpers.start(helpers.config_text("inform"))

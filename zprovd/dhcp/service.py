@@ -74,12 +74,25 @@ PROBE_PARAMS = bytes([1, 3, 6, 15, 42, 43, 66, 67, 150, 160])
 MAX_PROBE_DATAGRAMS = 200
 
 
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
 class DHCPStartError(Exception):
     """The DHCP helper cannot start; the message is one line for the operator."""
 
 
 # --------------------------------------------------------------------------
 # Sockets and interfaces.
+
+
+def _is_local(address: IPv4Address) -> bool:
+    """Whether ``address`` is one of this host's (a socket can be bound to it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def interface_ipv4(interface: str) -> IPv4Address | None:
@@ -272,6 +285,7 @@ class DHCPService(Service):
         self.leases: LeaseDatabase | None = None
         self.responder: Responder | None = None
         self.port: Any = None
+        self._source_info: bytes | None = None
         self.stats: Counter[str] = Counter()
         """received, malformed, replies, ignored, send_errors, save_errors, kernel_drops."""
         self.replies_by_type: Counter[str] = Counter()
@@ -309,6 +323,15 @@ class DHCPService(Service):
             leases = self._load_leases(server_ip)
             self._check_other_servers()
         self.server_ip = server_ip
+        # Replies come from the server identifier: on an interface with several
+        # addresses (a second one, a shared virtual one) the kernel would pick
+        # the first, and a relay's stateful firewall, or a client that checks,
+        # drops a reply from another address than its identifier.  struct
+        # in_pktinfo: interface (0: the socket's), source address, (unused).
+        self._source_info = struct.pack("=I4s4s", 0, server_ip.packed, bytes(4)) if _is_local(server_ip) else None
+        if self._source_info is None:
+            log.warn("DHCP: the server address {ip} is not an address of this host: replies come from the "
+                     "address the kernel chooses", ip=str(server_ip))
         self.leases = leases
         self.responder = Responder(cfg, leases, server_ip)
         try:
@@ -427,7 +450,7 @@ class DHCPService(Service):
         if self.port is None:
             return
         try:
-            self.port.write(encode(reply.message), (str(reply.address), reply.port))
+            self._send_from_server_address(encode(reply.message), (str(reply.address), reply.port))
         except Exception as exc:  # OSError, MessageLengthError: the client will retry
             self.stats["send_errors"] += 1
             log.warn("DHCP: cannot send to {address}:{port}: {error}",
@@ -436,6 +459,13 @@ class DHCPService(Service):
         self.stats["replies"] += 1
         self.replies_by_type[reply.message.type_name] += 1
         log.debug("DHCP: {line}", line=reply.log)
+
+    def _send_from_server_address(self, datagram: bytes, address: tuple[str, int]) -> None:
+        """Send with the server identifier as the source address (see ``startService``)."""
+        if self._source_info is None:
+            self.port.write(datagram, address)
+        else:
+            self.port.socket.sendmsg([datagram], [(socket.IPPROTO_IP, IP_PKTINFO, self._source_info)], 0, address)
 
     # The periodic summary ------------------------------------------------
 
