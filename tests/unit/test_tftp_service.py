@@ -889,6 +889,14 @@ def test_privileged_start_binds_once_and_stop_unbinds(events: list[dict[str, Any
     assert fired == [None] and net.ports == {} and server.listening_ports() == []
 
 
+def test_a_listening_socket_the_reactor_drops_is_no_longer_listed(events: list[dict[str, Any]]) -> None:
+    server, net, lp = make_server(TrackingSource({}), events)
+    assert [port for _, port in server.listening_ports()] == [lp]
+    net.lose(lp)  # as at reactor shutdown, with the service still running
+    assert server.listening_ports() == []
+    assert any("closed" in e.get("log_format", "") for e in events)
+
+
 @needs_ipv6
 def test_ipv6_listening_port_answers_from_its_address(events: list[dict[str, Any]]) -> None:
     net = FakeReactor()

@@ -120,6 +120,11 @@ class _ReadSocket:
     def fileno(self) -> int:
         return self.socket.fileno()
 
+    @property
+    def open(self) -> bool:
+        """Until :meth:`close` (by zprovd, or the reactor dropping the socket)."""
+        return self._open
+
     def close(self) -> None:
         if self._open:
             self._open = False
@@ -749,8 +754,8 @@ class TFTPServer(Service):
             self.log.info("TFTP listening on {host} port {port}", host=p.host, port=p.port)
 
     def listening_ports(self) -> list[tuple[str, int]]:
-        """The (host, port) pairs actually bound."""
-        return [(p.host, p.port) for p in self._ports]
+        """The (host, port) pairs bound and open (not those the reactor has dropped)."""
+        return [(p.host, p.port) for p in self._ports if p.open]
 
     def transfers_in_flight(self) -> int:
         """Transfers with an open port (for monitoring and tests)."""
