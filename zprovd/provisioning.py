@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
@@ -205,6 +205,7 @@ class Provisioner:
         z = config.zoiper
         self.limiter = FailureLimiter(z.max_failures, z.failure_window, z.lockout)
         self.lookups = KeyedGate(LOOKUPS_PER_CLIENT, LOOKUPS_WAITING_PER_CLIENT)
+        self.zoiper_checks = KeyedGate(LOOKUPS_PER_CLIENT, LOOKUPS_WAITING_PER_CLIENT)
         self._dummy_hash = passwords.hash_password(os.urandom(16).hex())
         self.policy = Policy(config.access)
         self._unique = itertools.count()
@@ -238,7 +239,8 @@ class Provisioner:
 
     def _guarded(self, function: Callable[[Request], Any], request: Request) -> Any:
         """``function(request)``, with an exception or a failed Deferred
-        turned into a 500 (logged): the protocol layers never see one."""
+        turned into a 500 (logged): the protocol layers never see one, except
+        the cancellation of a Deferred they cancelled themselves."""
         try:
             answer = function(request)
         except Exception:
@@ -383,7 +385,9 @@ class Provisioner:
         refused = self._device_refusal(route, request, device, self.clock())
         return refused if refused is not None else Upload(route.name, route.mac)
 
-    def _unexpected(self, failure, request: Request) -> Response:
+    def _unexpected(self, failure, request: Request) -> Response | Failure:
+        if failure.check(CancelledError):  # the caller gave up (a TFTP server stopping): nothing to answer
+            return failure
         log.failure("unexpected error answering {protocol} request", failure, protocol=request.protocol)
         return _text(500, "Internal error", reason="internal error")
 
@@ -585,22 +589,36 @@ class Provisioner:
             # a reprovisioning Zoiper whose password verified before
             self.limiter.success("login:" + login)
             return document.response
-        # Reserve the guess before checking it: guesses sent at once count at once.
-        keys = ("addr:" + request.client, "login:" + login)
-        admitted = [k for k in keys if self.limiter.admit(k, now)]
-        if len(admitted) < len(keys):
-            for k in admitted:
-                self.limiter.release(k)
-            log.warn("refused login {login} from {client}: too many failures or guesses at once", login=login,
-                     client=request.client)
-            response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
-            response.headers += (("Retry-After", "1"),)
-            return response
+        # Guesses sent at once must count as guesses in a row.  Against one
+        # login, each reserves its place before its check (at most
+        # max_failures at a time); from one address, checks run a few at a
+        # time and each first looks at the failures counted so far, so that
+        # many users behind one NAT address logging in together all wait
+        # their turn instead of being refused.
+        if not self.limiter.admit("login:" + login, now):
+            return self._guesses_at_once(login, request.client)
+        check = self.zoiper_checks.run(request.client, lambda: self._zoiper_turn(route, request, key, generation))
+        if check is None:
+            self.limiter.release("login:" + login)
+            return self._guesses_at_once(login, request.client)
+        return check
+
+    def _guesses_at_once(self, login: str, client: str) -> Response:
+        log.warn("refused login {login} from {client}: too many failures or guesses at once", login=login, client=client)
+        response = self.zoiper_error(429, "Too many failed attempts. Please try again later.", login, "locked out")
+        response.headers += (("Retry-After", "1"),)
+        return response
+
+    def _zoiper_turn(self, route: ZoiperRoute, request: Request, key: Any, generation: Any) -> Response | Deferred:
+        """A check's turn through ``zoiper_checks``: the address may have been locked out while it waited."""
+        if self.limiter.blocked_for("addr:" + request.client, self.clock()) > 0:
+            self.limiter.release("login:" + route.login)
+            return self._guesses_at_once(route.login, request.client)
         return self._zoiper_lookup(route, request, _info(request), key, generation)
 
     @inlineCallbacks
     def _zoiper_lookup(self, route: ZoiperRoute, request: Request, info: RequestInfo, key: Any, generation: Any):
-        """Check the admitted guess (``FailureLimiter.admit``) and answer it."""
+        """Check the admitted guess (``FailureLimiter.admit`` of its login) and answer it."""
         z = self.config.zoiper
         login = route.login
         addr, account = "addr:" + request.client, "login:" + login
@@ -613,9 +631,10 @@ class Provisioner:
                 ok = True  # a reprovisioning phone: verified before, no hashing again
             else:
                 ok = yield self.run_blocking(passwords.verify_password, stored, route.password)
-        except Exception as exc:
-            self.limiter.release(addr)
+        except BaseException as exc:
             self.limiter.release(account)
+            if not isinstance(exc, Exception):  # cancelled, or stopping
+                raise
             log.error("backend failed looking up {login}: {error}", login=login, error=exc)
             return self.zoiper_error(503, z.unavailable_text, login, "backend unavailable")
         if user is None or not ok:
@@ -627,7 +646,6 @@ class Provisioner:
                 login=login, client=request.client, why="unknown user" if user is None else "wrong password",
             )
             return self.zoiper_error(z.error_status, z.error_text, login, "unknown user" if user is None else "wrong password")
-        self.limiter.release(addr)
         self.limiter.success(account)
         response, templates = self._render_zoiper(user, route.version, info)
         if response.status == 200:

@@ -105,22 +105,33 @@ class KeyedGate:
         self.limit = limit
         self.max_waiting = max_waiting
         self._running: dict[str, int] = {}
-        self._waiting: dict[str, deque[tuple[Callable[[], Any], Deferred]]] = {}
+        self._waiting: dict[str, deque[list[Any]]] = {}
+        """Per key, the calls waiting: [call, the Deferred their caller holds]."""
         self._ready: deque[str] = deque()
         self._starting = False
 
     def run(self, key: str, call: Callable[[], Any]) -> Deferred | None:
-        """``call()``'s result (a Deferred), now or once earlier calls for ``key`` end; None if too many wait."""
+        """``call()``'s result (a Deferred), now or once earlier calls for ``key`` end; None if too many wait.
+
+        Cancelling a call that still waits takes it out of the queue: it never runs."""
         queue = self._waiting.get(key)
         if queue is None and self._running.get(key, 0) < self.limit:
             return self._start(key, call)
+        if len(queue or ()) >= self.max_waiting:
+            return None
         if queue is None:
             queue = self._waiting[key] = deque()
-        if len(queue) >= self.max_waiting:
-            return None
-        waiter: Deferred = Deferred()
-        queue.append((call, waiter))
-        return waiter
+        entry: list[Any] = [call, None]
+        entry[1] = Deferred(lambda _: self._withdraw(key, entry))
+        queue.append(entry)
+        return entry[1]
+
+    def _withdraw(self, key: str, entry: list[Any]) -> None:
+        queue = self._waiting.get(key)
+        if queue is not None and entry in queue:
+            queue.remove(entry)
+            if not queue:
+                del self._waiting[key]
 
     def _start(self, key: str, call: Callable[[], Any]) -> Deferred:
         self._running[key] = self._running.get(key, 0) + 1

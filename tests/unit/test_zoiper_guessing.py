@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from test_document_cache import World, result_of
-from zprovd.provisioning import Response
+from zprovd.provisioning import LOOKUPS_PER_CLIENT, Response
 from zprovd.routing import Request
 from zprovd.throttle import FailureLimiter
 
@@ -31,9 +31,11 @@ class HeldChecks:
         return d
 
     def run_all(self) -> None:
-        held, self.held = self.held, []
-        for d, f, args in held:
-            d.callback(f(*args))
+        """Run the held checks, and those that start meanwhile, until none is left."""
+        while self.held:
+            held, self.held = self.held, []
+            for d, f, args in held:
+                d.callback(f(*args))
 
 
 def zoiper(world: World, password: str, client: str = ATTACKER, login: str = "alice") -> Response | Deferred:
@@ -46,9 +48,9 @@ def test_a_burst_of_guesses_gets_no_more_checks_than_guesses_in_a_row(tmp_path):
     checks = HeldChecks()
     world.provisioner.run_blocking = checks
     answers = [zoiper(world, f"guess{i}") for i in range(19)] + [zoiper(world, "pw")]  # the right one last
-    assert len(checks.held) == 5  # only as many checks as failures allowed
+    assert len(checks.held) == LOOKUPS_PER_CLIENT  # one address: a few checks at a time, the others wait
     at_once = [a for a in answers if isinstance(a, Response)]
-    assert len(at_once) == 15 and {a.status for a in at_once} == {429}
+    assert len(at_once) == 15 and {a.status for a in at_once} == {429}  # one login: max_failures guesses at most
     checks.run_all()
     results = [result_of(a) for a in answers]
     assert [r.status for r in results[:5]] == [200] * 5 and all(b"<error" in r.body for r in results[:5])
@@ -66,18 +68,29 @@ def test_guesses_against_one_login_from_many_addresses_are_limited_too(tmp_path)
 
 
 def test_right_passwords_at_once_from_one_address_keep_working(tmp_path):
-    """Checks that succeed end their reservation: a NAT full of Zoiper users is not locked out."""
+    """A NAT full of Zoiper users logging in at the same moment: they wait their turn, none is refused."""
     world = World(tmp_path, "[zoiper]\nmax_failures = 3\n")
-    for n in range(6):
+    for n in range(15):
         world.add_user(f"user{n}", f"10{n}", password=f"pw{n}")
     checks = HeldChecks()
     world.provisioner.run_blocking = checks
-    for batch in range(3):  # six checks from one address, two at a time, with a limit of three
-        answers = [zoiper(world, f"pw{n}", login=f"user{n}") for n in (2 * batch, 2 * batch + 1)]
-        assert len(checks.held) == 2
-        checks.run_all()
-        results = [result_of(a) for a in answers]
-        assert [r.status for r in results] == [200, 200] and all(b"<error" not in r.body for r in results)
+    answers = [zoiper(world, f"pw{n}", login=f"user{n}") for n in range(15)]  # 15 at once, with a limit of 3
+    assert len(checks.held) == LOOKUPS_PER_CLIENT
+    checks.run_all()
+    results = [result_of(a) for a in answers]
+    assert [r.status for r in results] == [200] * 15 and all(b"<error" not in r.body for r in results)
+
+
+def test_a_check_waiting_its_turn_is_refused_once_the_address_is_locked_out(tmp_path):
+    world = World(tmp_path, "[zoiper]\nmax_failures = 3\n")
+    for n in range(10):
+        world.add_user(f"user{n}", f"10{n}", password=f"pw{n}")
+    checks = HeldChecks()
+    world.provisioner.run_blocking = checks
+    answers = [zoiper(world, "wrong", login=f"user{n}") for n in range(10)]  # spraying: one guess per login
+    checks.run_all()
+    statuses = [result_of(a).status for a in answers]
+    assert statuses.count(200) <= 3 + LOOKUPS_PER_CLIENT - 1 and statuses.count(429) >= 10 - 3 - LOOKUPS_PER_CLIENT + 1
 
 
 def test_limiter_reservations():
