@@ -28,6 +28,7 @@ Run on its own (logs to stderr)::
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import os
 import random
@@ -83,16 +84,6 @@ class DHCPStartError(Exception):
 
 # --------------------------------------------------------------------------
 # Sockets and interfaces.
-
-
-def _is_local(address: IPv4Address) -> bool:
-    """Whether ``address`` is one of this host's (a socket can be bound to it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind((str(address), 0))
-        except OSError:
-            return False
-    return True
 
 
 def interface_ipv4(interface: str) -> IPv4Address | None:
@@ -216,12 +207,13 @@ def probe_servers(interface: str, timeout: float = 2.0, stop_at_first: bool = Fa
     with open_dhcp_socket(interface, CLIENT_PORT) as sock:
         sock.sendto(encode(discover), ("255.255.255.255", SERVER_PORT))
         deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select(): the daemon's descriptors may number more than 1,024
+        poller.register(sock, select.POLLIN)
         for _ in range(MAX_PROBE_DATAGRAMS):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if not readable:
+            if not poller.poll(remaining * 1000):
                 break
             try:
                 data, (source, _port) = sock.recvfrom(65535)
@@ -286,6 +278,7 @@ class DHCPService(Service):
         self.responder: Responder | None = None
         self.port: Any = None
         self._source_info: bytes | None = None
+        self._source_refused = False
         self.stats: Counter[str] = Counter()
         """received, malformed, replies, ignored, send_errors, save_errors, kernel_drops."""
         self.replies_by_type: Counter[str] = Counter()
@@ -328,10 +321,8 @@ class DHCPService(Service):
         # the first, and a relay's stateful firewall, or a client that checks,
         # drops a reply from another address than its identifier.  struct
         # in_pktinfo: interface (0: the socket's), source address, (unused).
-        self._source_info = struct.pack("=I4s4s", 0, server_ip.packed, bytes(4)) if _is_local(server_ip) else None
-        if self._source_info is None:
-            log.warn("DHCP: the server address {ip} is not an address of this host: replies come from the "
-                     "address the kernel chooses", ip=str(server_ip))
+        self._source_info = struct.pack("=I4s4s", 0, server_ip.packed, bytes(4))
+        self._source_refused = False
         self.leases = leases
         self.responder = Responder(cfg, leases, server_ip)
         try:
@@ -461,11 +452,24 @@ class DHCPService(Service):
         log.debug("DHCP: {line}", line=reply.log)
 
     def _send_from_server_address(self, datagram: bytes, address: tuple[str, int]) -> None:
-        """Send with the server identifier as the source address (see ``startService``)."""
-        if self._source_info is None:
-            self.port.write(datagram, address)
-        else:
-            self.port.socket.sendmsg([datagram], [(socket.IPPROTO_IP, IP_PKTINFO, self._source_info)], 0, address)
+        """Send with the server identifier as the source address (see ``startService``).
+
+        An identifier that is not (or no longer: a virtual address that moved)
+        an address of this host cannot be a source: then the kernel chooses,
+        and the first time it is said."""
+        if self._source_info is not None:
+            try:
+                self.port.socket.sendmsg([datagram], [(socket.IPPROTO_IP, IP_PKTINFO, self._source_info)], 0, address)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENETUNREACH, errno.EINVAL, errno.EADDRNOTAVAIL):
+                    raise
+                if not self._source_refused:
+                    self._source_refused = True
+                    log.warn("DHCP: cannot send from the server address {ip} ({error}): is it an address of this "
+                             "host? Replies come from the address the kernel chooses", ip=str(self.server_ip),
+                             error=exc.strerror)
+        self.port.write(datagram, address)
 
     # The periodic summary ------------------------------------------------
 
