@@ -2,7 +2,8 @@
 
 ``vars.sip_transport`` is udp, tcp or tls (default udp) and ``vars.sip_port``
 a port number, by default 5061 for tls and 5060 otherwise (RFC 3261,
-19.1.2).  The configuration (``[provisioning] vars``), the CLI (``--var``)
+19.1.2); 0 is kept for the phones that read it as "look the port up in
+DNS SRV" (Yealink, Polycom).  The configuration (``[provisioning] vars``), the CLI (``--var``)
 and the template context check them with :func:`sip_transport_and_port`.
 """
 
@@ -33,7 +34,7 @@ def sip_transport_and_port(variables: dict[str, Any], whose: str) -> tuple[str, 
     try:
         number = int(str(port), 10)
     except ValueError:
-        number = 0
-    if isinstance(port, bool) or not 1 <= number <= 65535:
-        raise LineError(f"{whose}: sip_port must be a port number (1-65535), not {port!r}")
+        number = -1
+    if isinstance(port, bool) or not 0 <= number <= 65535:
+        raise LineError(f"{whose}: sip_port must be a port number (0-65535), not {port!r}")
     return transport, number

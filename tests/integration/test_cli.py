@@ -257,7 +257,7 @@ def test_edits_at_the_same_moment_are_all_kept(config):
     (["user", "add-account", "alice", "--sip-user", "200", "--sip-password", "tab\tpw"], "sip password: contains a control character"),
     (["user", "add", "bob", "--password", "pw", "--display-name", "Bob\rX"], "display name: contains a control character"),
     (["device", "edit", "001565aabbcc", "--var", "label=a\nb"], "var: contains a control character"),
-    (["user", "edit", "alice", "--var", "sip_port=5o60"], "--var: sip_port must be a port number (1-65535), not '5o60'"),
+    (["user", "edit", "alice", "--var", "sip_port=5o60"], "--var: sip_port must be a port number (0-65535), not '5o60'"),
     (["device", "edit", "001565aabbcc", "--var", "sip_transport=sctp"], "--var: sip_transport must be udp, tcp or tls"),
     (["device", "add", "001565aabbcd", "--model", "yealink-t48g", "--http-user", "u", "--http-password", "p\x07"],
      "http password: contains a control character"),

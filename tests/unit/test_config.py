@@ -50,13 +50,19 @@ def test_unknown_key_names_file_section_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("vars, reason", [
-    ('{ sip_port = "abc" }', "sip_port must be a port number (1-65535), not 'abc'"),
-    ("{ sip_port = 0 }", "sip_port must be a port number (1-65535), not 0"),
+    ('{ sip_port = "abc" }', "sip_port must be a port number (0-65535), not 'abc'"),
+    ("{ sip_port = 65536 }", "sip_port must be a port number (0-65535), not 65536"),
     ('{ sip_transport = "sctp" }', "sip_transport must be udp, tcp or tls, not 'sctp'"),
 ])
 def test_unusable_sip_vars_are_refused(tmp_path, vars, reason):
     [problem] = problems_of(tmp_path, MINIMAL + f"vars = {vars}\n")
     assert problem == f"{tmp_path / 'z.toml'}: [provisioning] vars: {reason}"
+
+
+def test_sip_port_0_is_kept_for_phones_that_look_it_up_in_dns(tmp_path):
+    path = tmp_path / "z.toml"
+    path.write_text(MINIMAL + 'vars = { sip_port = 0, sip_transport = "TLS" }\n')
+    assert load_config(path).provisioning.vars["sip_port"] == 0
 
 
 def test_folders_that_do_not_exist_are_refused(tmp_path):

@@ -239,7 +239,7 @@ def test_control_characters() -> None:
 
 def test_sip_port_and_transport_columns_must_be_usable() -> None:
     assert problems_of("login,password,sip_port,sip_transport\na,pw,5o60,udp\nb,pw,5080,sctp\nc,pw,5061,TLS\n") == [
-        "users.csv:2: sip_port: must be a port number (1-65535), not '5o60'",
+        "users.csv:2: sip_port: must be a port number (0-65535), not '5o60'",
         "users.csv:3: sip_transport: must be udp, tcp or tls, not 'sctp'",
     ]
 

@@ -323,11 +323,18 @@ def test_codecs_as_a_list_with_ids_and_duplicates(renderer: Renderer) -> None:
     assert [(cid, prio) for cid, prio, on in codecs(account) if on == "true"] == [(35, 1), (0, 2), (28, 3)]
 
 
-def test_tls_account(renderer: Renderer) -> None:
-    user = make_user(ONE, vars={"sip_transport": "tls", "sip_port": 5061})
+@pytest.mark.parametrize("vars, domain", [
+    ({"sip_transport": "tls"}, "pbx.example.com"),  # TLS's own port: written as no port, so SRV still works
+    ({"sip_transport": "tls", "sip_port": 5061}, "pbx.example.com"),
+    ({"sip_transport": "tls", "sip_port": 5062}, "pbx.example.com:5062"),
+    ({"sip_transport": "tls", "sip_port": 5060}, "pbx.example.com:5060"),
+    ({"sip_transport": "tls", "sip_port": 0}, "pbx.example.com"),  # 0: look it up
+])
+def test_tls_account(renderer: Renderer, vars: dict[str, Any], domain: str) -> None:
+    user = make_user(ONE, vars=vars)
     (account,) = accounts_of(render_config(renderer, user))
     assert text(account, "SIP_transport_type") == "TLS"
-    assert text(account, "SIP_domain") == "pbx.example.com:5061"
+    assert text(account, "SIP_domain") == domain
     assert text(account, "SIP_srtp_mode") == "SDES"
     assert text(account, "SIP_use_rport") == "true"
 
@@ -358,8 +365,8 @@ def test_bad_vars_stop_the_rendering(renderer: Renderer, vars: dict[str, Any], m
     ("vars", "message"),
     [
         ({"sip_transport": "sctp"}, "user alice: sip_transport must be udp, tcp or tls, not 'sctp'"),
-        ({"sip_port": "5o60"}, r"user alice: sip_port must be a port number \(1-65535\), not '5o60'"),
-        ({"sip_port": 70000}, r"user alice: sip_port must be a port number \(1-65535\), not 70000"),
+        ({"sip_port": "5o60"}, r"user alice: sip_port must be a port number \(0-65535\), not '5o60'"),
+        ({"sip_port": 70000}, r"user alice: sip_port must be a port number \(0-65535\), not 70000"),
     ],
 )
 def test_bad_line_vars_are_refused_before_rendering(vars: dict[str, Any], message: str) -> None:
