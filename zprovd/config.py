@@ -64,7 +64,7 @@ class TFTPConfig:
     retries: int
     upload_dir: Path | None
     upload_max_bytes: int
-    max_transfers_per_client: int = 64
+    max_transfers_per_client: int = 256
 
 
 @dataclass
@@ -352,8 +352,13 @@ def _overlap(a: str, b: str) -> bool:
 def _must_be_folder(reader: "SectionReader", key: str, path: Path | None) -> None:
     """A folder the operator names must exist: a typo must not silently turn
     off overrides, firmware or uploads."""
-    if path is not None and not path.is_dir():
-        reader.error(key, f"{path} is not a folder" if path.exists() else f"{path} does not exist")
+    if path is None:
+        return
+    try:
+        if not path.is_dir():
+            reader.error(key, f"{path} is not a folder" if path.exists() else f"{path} does not exist")
+    except OSError as exc:  # a parent this user may not enter
+        reader.error(key, f"cannot look at {path}: {exc.strerror}")
 
 
 def _register_builtin_subsystems() -> None:
@@ -479,7 +484,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         retries=s.integer("retries", 5, 1, 50),
         upload_dir=s.path("upload_dir"),
         upload_max_bytes=s.integer("upload_max_bytes", 1 << 20, 0, 1 << 30),
-        max_transfers_per_client=s.integer("max_transfers_per_client", 64, 1, 4096),
+        max_transfers_per_client=s.integer("max_transfers_per_client", 256, 1, 4096),
     )
     _must_be_folder(s, "firmware_dir", tftp.firmware_dir)
     _must_be_folder(s, "upload_dir", tftp.upload_dir)

@@ -689,7 +689,7 @@ class TFTPServer(Service):
         *,
         shutdown_timeout: float = 30.0,
         max_transfers: int = 4096,
-        max_transfers_per_client: int = 64,
+        max_transfers_per_client: int = 256,
         shown_name: Callable[[str], str] = str,
         accept_upload: Callable[[str, tuple[str, int]], defer.Deferred[str | None]] | None = None,
     ):
