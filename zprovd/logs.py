@@ -35,7 +35,9 @@ FLUSH_BYTES = 64 * 1024
 ACCESS_NAMESPACE = "zprovd.access"
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 controls (U+009B starts a terminal escape sequence too) and the
+Unicode line separators, written as escapes; tab stays."""
 
 
 def _one_line(text: str) -> str:
@@ -44,7 +46,7 @@ def _one_line(text: str) -> str:
     # control character (NUL, an escape sequence) reaches a terminal or
     # makes journald store the line as a blob.
     text = text.replace("\r", "\\r").replace("\n", "\\n")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text) if _CONTROL.search(text) else text
 
 
 class LineWriter:
