@@ -451,6 +451,18 @@ def test_a_new_database_is_its_owners_only_whatever_the_umask(tmp_path):
     result_of(backend.close())
 
 
+def test_a_database_every_user_could_read_is_closed_to_them(tmp_path):
+    backend = opened(tmp_path)
+    result_of(backend.save_user(user("alice", "201", "202")))
+    result_of(backend.close())
+    db = tmp_path / "state" / "zprovd.sqlite3"
+    db.chmod(0o644)  # made by an older zprovd, or by hand
+    reopened = opened(tmp_path)
+    assert db.stat().st_mode & 0o777 == 0o640
+    assert result_of(reopened.get_user("alice")) is not None
+    result_of(reopened.close())
+
+
 def test_backup_is_a_private_copy_that_opens_as_the_same_records(tmp_path):
     backend = opened(tmp_path)
     result_of(backend.save_user(user("alice", "201", "202")))

@@ -312,6 +312,19 @@ class SQLiteBackend:
                                 f"(known: {', '.join(OPTIONS)})")
         return problems
 
+    def _withdraw_other_access(self) -> None:
+        """A database every user may read (made before zprovd created them
+        0600, or by hand) loses the others' access; owner and group keep theirs."""
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                mode = path.stat().st_mode & 0o777
+                if mode & 0o007:
+                    path.chmod(mode & 0o770)
+                    log.warn("{path} could be read by every user of this host (mode {mode:o}): now {new:o}",
+                             path=str(path), mode=mode, new=mode & 0o770)
+            except OSError:  # not there, or not ours: opening it says what matters
+                pass
+
     # ------------------------------------------------------------------
     # connections
 
@@ -398,7 +411,7 @@ class SQLiteBackend:
             # SIP passwords.  SQLite gives its -wal and -shm files the same mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except FileExistsError:
-            pass
+            self._withdraw_other_access()
         except OSError as exc:
             raise BackendError(f"{self.path}: cannot create database: {exc.strerror or exc}") from None
         try:
