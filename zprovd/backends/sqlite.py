@@ -411,7 +411,7 @@ class SQLiteBackend:
             # SIP passwords.  SQLite gives its -wal and -shm files the same mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except FileExistsError:
-            self._withdraw_other_access()
+            pass
         except OSError as exc:
             raise BackendError(f"{self.path}: cannot create database: {exc.strerror or exc}") from None
         try:
@@ -427,6 +427,7 @@ class SQLiteBackend:
                     f"{self.path}: cannot open database: {_describe(exc)}"
                 ) from None
             raise
+        self._withdraw_other_access()  # (once it is known to be a database)
         with self._lock:
             self._local = threading.local()
             self._opened = True
