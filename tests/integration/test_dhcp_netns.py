@@ -320,6 +320,33 @@ def scapy_client(net: Net, tmp_path: Path, **args) -> dict:
     return json.loads(result.stdout) if result.stdout.strip() else {}
 
 
+def dhclient_until_bound(net: Net, out: Path, vendor: str = "Yealink SIP-T54W") -> Path:
+    """ISC dhclient in the client namespace until it is bound (at most 30 s), then stopped.
+
+    In ``out``: its script's environment per reason (``dhclient-BOUND.env``...)
+    and its -v output (``dhclient.log``)."""
+    out.mkdir()
+    (out / "dhclient.conf").write_text(DHCLIENT_CONF.format(vendor=vendor))
+    (out / "dhclient.sh").write_text(DHCLIENT_SCRIPT.format(dir=out))
+    (out / "dhclient.sh").chmod(0o755)
+    (out / "dhclient.leases").touch()
+    with open(out / "dhclient.log", "w") as log:
+        process = subprocess.Popen(
+            net.ns_exec(net.client_ns, "dhclient", "-1", "-d", "-v", "-cf", str(out / "dhclient.conf"),
+                        "-sf", str(out / "dhclient.sh"), "-lf", str(out / "dhclient.leases"),
+                        "-pf", str(out / "dhclient.pid"), net.client_if),
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (out / "dhclient-BOUND.env").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    return out
+
+
 # --------------------------------------------------------------------------
 # Tests.
 
@@ -399,25 +426,7 @@ def test_udhcpc_renews_a_short_lease(client: Net, helpers: HelperFactory, tmp_pa
 def test_dhclient_lease_survives_a_restart(client: Net, helpers: HelperFactory, tmp_path: Path):
     config = helpers.config_text("server")
     helper = helpers.start(config)
-    out = tmp_path / "d"
-    out.mkdir()
-    (out / "dhclient.conf").write_text(DHCLIENT_CONF.format(vendor="Yealink SIP-T54W"))
-    (out / "dhclient.sh").write_text(DHCLIENT_SCRIPT.format(dir=out))
-    (out / "dhclient.sh").chmod(0o755)
-    (out / "dhclient.leases").touch()
-    process = subprocess.Popen(
-        client.ns_exec(client.client_ns, "dhclient", "-1", "-d", "-v", "-cf", str(out / "dhclient.conf"),
-                       "-sf", str(out / "dhclient.sh"), "-lf", str(out / "dhclient.leases"),
-                       "-pf", str(out / "dhclient.pid"), client.client_if),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not (out / "dhclient-BOUND.env").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    out = dhclient_until_bound(client, tmp_path / "d")
     assert (out / "dhclient-BOUND.env").exists(), helper.log()
     env = read_env(out / "dhclient-BOUND.env")
     p = client.prefix
@@ -480,26 +489,8 @@ def test_replies_come_from_the_server_address_on_an_interface_with_several(clien
     p = client.prefix
     run("ip", "-n", client.server_ns, "addr", "add", f"{p}.9/24", "dev", client.server_if)
     helper = helpers.start(helpers.config_text("server", server_address=f'"{p}.9"'))
-    out = tmp_path / "d"
-    out.mkdir()
-    (out / "dhclient.conf").write_text(DHCLIENT_CONF.format(vendor="Yealink SIP-T54W"))
-    (out / "dhclient.sh").write_text(DHCLIENT_SCRIPT.format(dir=out))
-    (out / "dhclient.sh").chmod(0o755)
-    (out / "dhclient.leases").touch()
     # dhclient -v names each reply's source address: "DHCPOFFER of A from S", "DHCPACK of A from S".
-    process = subprocess.Popen(
-        client.ns_exec(client.client_ns, "dhclient", "-1", "-d", "-v", "-cf", str(out / "dhclient.conf"),
-                       "-sf", str(out / "dhclient.sh"), "-lf", str(out / "dhclient.leases"),
-                       "-pf", str(out / "dhclient.pid"), client.client_if),
-        stdout=subprocess.DEVNULL, stderr=open(out / "dhclient.log", "w"),
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not (out / "dhclient-BOUND.env").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    out = dhclient_until_bound(client, tmp_path / "d")
     log = (out / "dhclient.log").read_text()
     assert f"DHCPOFFER of {p}.100 from {p}.9" in log, log + helper.log()  # broadcast to the new client
     assert f"DHCPACK of {p}.100 from {p}.9" in log, log

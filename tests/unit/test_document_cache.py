@@ -10,6 +10,7 @@ import os
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -36,6 +37,26 @@ def result_of(d):
     d.addBoth(out.append)
     assert out, "Deferred did not fire"
     return out[0]
+
+
+class HeldCalls:
+    """A ``run_blocking`` whose calls wait until :meth:`run_all`, as work in
+    the daemon's thread pool waits while a burst of requests arrives."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Deferred, Any, tuple]] = []
+
+    def __call__(self, f, *args) -> Deferred:
+        d: Deferred = Deferred()
+        self.held.append((d, f, args))
+        return d
+
+    def run_all(self) -> None:
+        """Run the held calls, and those that start meanwhile, until none is left."""
+        while self.held:
+            held, self.held = self.held, []
+            for d, f, args in held:
+                maybeDeferred(f, *args).chainDeferred(d)
 
 
 class World:

@@ -8,34 +8,15 @@ them run, as they would while a burst of requests arrives.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 
-from test_document_cache import MAC, World, result_of
-from zprovd.provisioning import LOOKUPS_PER_CLIENT, Response
+from test_document_cache import HeldCalls, MAC, World, result_of
+from zprovd.provisioning import LOOKUPS_PER_CLIENT
 from zprovd.routing import Request
 from zprovd.throttle import KeyedGate
 
 SCANNER = "192.0.2.66"
-
-
-class HeldCalls:
-    """``run_blocking`` whose calls wait until :meth:`run_all`."""
-
-    def __init__(self) -> None:
-        self.held: list[tuple[Deferred, Any, tuple]] = []
-
-    def __call__(self, f, *args) -> Deferred:
-        d: Deferred = Deferred()
-        self.held.append((d, f, args))
-        return d
-
-    def run_all(self) -> None:
-        while self.held:
-            held, self.held = self.held, []
-            for d, f, args in held:
-                maybeDeferred(f, *args).chainDeferred(d)
 
 
 def test_a_burst_of_unknown_macs_is_refused_like_macs_asked_in_a_row(tmp_path):

@@ -7,35 +7,14 @@ test fires them, as they would while a burst of requests arrives.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred
 
-from test_document_cache import World, result_of
+from test_document_cache import HeldCalls, World, result_of
 from zprovd.provisioning import LOOKUPS_PER_CLIENT, Response
 from zprovd.routing import Request
 from zprovd.throttle import FailureLimiter
 
 ATTACKER = "192.0.2.66"
-
-
-class HeldChecks:
-    """``run_blocking`` whose calls wait until :meth:`run_all`."""
-
-    def __init__(self) -> None:
-        self.held: list[tuple[Deferred, Any, tuple]] = []
-
-    def __call__(self, f, *args) -> Deferred:
-        d: Deferred = Deferred()
-        self.held.append((d, f, args))
-        return d
-
-    def run_all(self) -> None:
-        """Run the held checks, and those that start meanwhile, until none is left."""
-        while self.held:
-            held, self.held = self.held, []
-            for d, f, args in held:
-                d.callback(f(*args))
 
 
 def zoiper(world: World, password: str, client: str = ATTACKER, login: str = "alice") -> Response | Deferred:
@@ -45,7 +24,7 @@ def zoiper(world: World, password: str, client: str = ATTACKER, login: str = "al
 
 def test_a_burst_of_guesses_gets_no_more_checks_than_guesses_in_a_row(tmp_path):
     world = World(tmp_path, "[zoiper]\nmax_failures = 5\nfailure_window = 300\nlockout = 300\n")
-    checks = HeldChecks()
+    checks = HeldCalls()
     world.provisioner.run_blocking = checks
     answers = [zoiper(world, f"guess{i}") for i in range(19)] + [zoiper(world, "pw")]  # the right one last
     assert len(checks.held) == LOOKUPS_PER_CLIENT  # one address: a few checks at a time, the others wait
@@ -61,7 +40,7 @@ def test_a_burst_of_guesses_gets_no_more_checks_than_guesses_in_a_row(tmp_path):
 
 def test_guesses_against_one_login_from_many_addresses_are_limited_too(tmp_path):
     world = World(tmp_path, "[zoiper]\nmax_failures = 3\n")
-    checks = HeldChecks()
+    checks = HeldCalls()
     world.provisioner.run_blocking = checks
     answers = [zoiper(world, f"guess{i}", client=f"192.0.2.{i + 1}") for i in range(10)]
     assert len(checks.held) == 3 and sum(isinstance(a, Response) for a in answers) == 7
@@ -72,7 +51,7 @@ def test_right_passwords_at_once_from_one_address_keep_working(tmp_path):
     world = World(tmp_path, "[zoiper]\nmax_failures = 3\n")
     for n in range(15):
         world.add_user(f"user{n}", f"10{n}", password=f"pw{n}")
-    checks = HeldChecks()
+    checks = HeldCalls()
     world.provisioner.run_blocking = checks
     answers = [zoiper(world, f"pw{n}", login=f"user{n}") for n in range(15)]  # 15 at once, with a limit of 3
     assert len(checks.held) == LOOKUPS_PER_CLIENT
@@ -85,7 +64,7 @@ def test_a_check_waiting_its_turn_is_refused_once_the_address_is_locked_out(tmp_
     world = World(tmp_path, "[zoiper]\nmax_failures = 3\n")
     for n in range(10):
         world.add_user(f"user{n}", f"10{n}", password=f"pw{n}")
-    checks = HeldChecks()
+    checks = HeldCalls()
     world.provisioner.run_blocking = checks
     answers = [zoiper(world, "wrong", login=f"user{n}") for n in range(10)]  # spraying: one guess per login
     checks.run_all()
